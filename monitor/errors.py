@@ -1,0 +1,78 @@
+"""The one exception tree of genauth-monitor.
+
+    MonitorError
+    ├── ConfigError        bad configuration; carries one line per problem (exit code 2)
+    ├── UpstreamError      a failed poll of the GenAuth API, classified by ``reason``
+    └── StorageError       the database is unreachable or refused a write
+
+Foreign exceptions (requests, SQLAlchemy, pydantic) are translated at the module that talks to
+the foreign library, never leaked upward. No message in this tree ever carries a secret value.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+__all__ = [
+    "REASONS",
+    "ConfigError",
+    "MonitorError",
+    "Reason",
+    "StorageError",
+    "UpstreamError",
+]
+
+Reason = Literal["network", "timeout", "http_status", "api_error", "auth", "invalid_response"]
+REASONS: Final[tuple[Reason, ...]] = (
+    "network",
+    "timeout",
+    "http_status",
+    "api_error",
+    "auth",
+    "invalid_response",
+)
+
+
+class MonitorError(Exception):
+    """Base of every error genauth-monitor raises on purpose."""
+
+
+class ConfigError(MonitorError):
+    """The configuration is unusable; ``problems`` holds one line per problem, key path first."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+class UpstreamError(MonitorError):
+    """A poll failed. ``reason`` is one of :data:`REASONS`; the rest is kept for the record."""
+
+    def __init__(
+        self,
+        reason: Reason,
+        message: str,
+        *,
+        http_status: int | None = None,
+        api_code: int | None = None,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.reason: Reason = reason
+        self.message = message
+        self.http_status = http_status
+        self.api_code = api_code
+        self.request_id = request_id
+        self.retry_after = retry_after
+
+    def __repr__(self) -> str:
+        return (
+            f"UpstreamError(reason={self.reason!r}, message={self.message!r}, "
+            f"http_status={self.http_status!r}, api_code={self.api_code!r}, "
+            f"request_id={self.request_id!r})"
+        )
+
+
+class StorageError(MonitorError):
+    """The database could not be reached or refused the operation."""
