@@ -1,0 +1,38 @@
+"""The pure core: canonical form, redaction, hashing, diffing and the drift rules.
+
+Nothing in this package performs I/O or imports an adapter; every function takes its inputs as
+arguments (including keys and times) so it can be tested exhaustively.
+"""
+
+from __future__ import annotations
+
+from monitor.core.canonical import canonical_json, snapshot_hash
+from monitor.core.diff import Change, diff, flatten, get_path
+from monitor.core.redact import FINGERPRINT_PREFIX, fingerprint, is_secret_key, redact
+from monitor.core.rules import (
+    EventDraft,
+    baseline_mismatches,
+    failure_events,
+    path_matches,
+    recovery_events,
+    snapshot_events,
+)
+
+__all__ = [
+    "FINGERPRINT_PREFIX",
+    "Change",
+    "EventDraft",
+    "baseline_mismatches",
+    "canonical_json",
+    "diff",
+    "failure_events",
+    "fingerprint",
+    "flatten",
+    "get_path",
+    "is_secret_key",
+    "path_matches",
+    "recovery_events",
+    "redact",
+    "snapshot_events",
+    "snapshot_hash",
+]

@@ -1,0 +1,50 @@
+"""Canonical JSON (RFC 8785, JCS) and the snapshot hash built on it.
+
+JCS makes the bytes independent of key order, whitespace and number spelling, so anyone can
+recompute a stored hash from an exported snapshot with any JCS implementation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import rfc8785
+
+__all__ = ["HASH_PREFIX", "canonical_json", "snapshot_hash"]
+
+HASH_PREFIX = "sha256:"
+
+
+def canonical_json(document: Any) -> bytes:
+    """The RFC 8785 serialisation of ``document``.
+
+    JCS knows only what I-JSON can carry. Upstream JSON outside it (integers beyond 2**53,
+    NaN or infinities, which Python's parser accepts) is mapped the way a JavaScript consumer
+    would see it instead of failing the poll: big integers become doubles, non-finite numbers
+    their names as strings.
+    """
+    try:
+        return bytes(rfc8785.dumps(document))
+    except (rfc8785.IntegerDomainError, rfc8785.FloatDomainError):
+        return bytes(rfc8785.dumps(_to_i_json(document)))
+
+
+def _to_i_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _to_i_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_to_i_json(item) for item in value]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and abs(value) > 2**53 - 1:
+        return float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def snapshot_hash(document: Any) -> str:
+    """``sha256:<64 hex>`` of the canonical form of an (already redacted) document."""
+    return HASH_PREFIX + hashlib.sha256(canonical_json(document)).hexdigest()

@@ -1,0 +1,218 @@
+"""The drift rules of SPEC §4: which events a new snapshot or a poll outcome raises.
+
+Each changed field is claimed by exactly one event, the most specific: ``enabled`` by
+provider_disabled/enabled, ``type`` by type_changed, the delivery fields of the active
+sub-config by delivery_changed, fingerprints by secret_rotated, and the rest by config_changed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from monitor.core.diff import MISSING, Change, diff, get_path, same_value
+from monitor.core.redact import FINGERPRINT_PREFIX
+
+__all__ = [
+    "ACTIVE_SUBCONFIG",
+    "EVENT_KINDS",
+    "EventDraft",
+    "Severity",
+    "Status",
+    "baseline_mismatches",
+    "failure_events",
+    "path_matches",
+    "recovery_events",
+    "snapshot_events",
+]
+
+Severity = Literal["info", "warning", "critical"]
+Status = Literal["firing", "resolved"]
+
+EVENT_KINDS: Final = (
+    "first_seen",
+    "provider_disabled",
+    "provider_enabled",
+    "type_changed",
+    "delivery_changed",
+    "secret_rotated",
+    "config_changed",
+    "baseline_drift",
+    "baseline_restored",
+    "poll_failing",
+    "poll_recovered",
+)
+ACTIVE_SUBCONFIG: Final = {
+    "custom": "smtpConfig",
+    "sendgrid": "sendGridConfig",
+    "ali": "aliExmailConfig",
+    "qq": "tencentExmailConfig",
+}
+_DELIVERY_FIELDS: Final = ("smtp_host", "smtp_port", "secure", "sender")
+
+
+@dataclass(frozen=True, slots=True)
+class EventDraft:
+    """An event before storage gives it an id, a time and its hashes."""
+
+    kind: str
+    severity: Severity
+    status: Status
+    message: str
+    changes: tuple[Change, ...] = field(default=())
+
+
+def path_matches(path: str, patterns: Iterable[str]) -> bool:
+    """Whether a dotted path matches any pattern; ``*`` stands for one whole segment or part."""
+    parts = path.split(".")
+    for pattern in patterns:
+        wanted = pattern.split(".")
+        if len(wanted) == len(parts) and all(
+            fnmatch.fnmatchcase(part, want) for part, want in zip(parts, wanted, strict=True)
+        ):
+            return True
+    return False
+
+
+def baseline_mismatches(document: Any, expect: Mapping[str, Any]) -> list[Change]:
+    """Paths where ``document`` differs from the baseline: ``old`` expected, ``new`` actual."""
+    mismatches = []
+    for path in sorted(expect):
+        wanted, actual = expect[path], get_path(document, path)
+        if actual is MISSING or not same_value(wanted, actual):
+            mismatches.append(Change(path, wanted, None if actual is MISSING else actual))
+    return mismatches
+
+
+def snapshot_events(
+    *,
+    target: str,
+    previous: Any,
+    current: Any,
+    expect: Mapping[str, Any],
+    was_drifting: bool,
+) -> list[EventDraft]:
+    """Events raised by a new snapshot ``current`` following ``previous`` (``None`` at first)."""
+    drift = baseline_mismatches(current, expect)
+    if previous is None:
+        events = [_first_seen(target, current)]
+        if current.get("enabled") is False:
+            change = Change("enabled", None, False)
+            events.append(_change_event(target, "provider_disabled", (change,)))
+    else:
+        events = _change_events(target, previous, current)
+    if drift and not was_drifting:
+        paths = ", ".join(change.path for change in drift)
+        events.append(
+            EventDraft(
+                "baseline_drift",
+                "critical",
+                "firing",
+                f"{target}: configuration differs from the expected baseline at {paths}",
+                tuple(drift),
+            )
+        )
+    elif was_drifting and not drift:
+        events.append(
+            EventDraft(
+                "baseline_restored",
+                "info",
+                "resolved",
+                f"{target}: configuration matches the expected baseline again",
+            )
+        )
+    return events
+
+
+def failure_events(*, target: str, failures: int, threshold: int, reason: str) -> list[EventDraft]:
+    """``poll_failing`` exactly when the run of consecutive failures reaches the threshold."""
+    if failures != threshold:
+        return []
+    return [
+        EventDraft(
+            "poll_failing",
+            "warning",
+            "firing",
+            f"{target}: {failures} consecutive polls failed (last: {reason})",
+        )
+    ]
+
+
+def recovery_events(*, target: str, failures_before: int, threshold: int) -> list[EventDraft]:
+    """``poll_recovered`` on the first success after a run that raised ``poll_failing``."""
+    if failures_before < threshold:
+        return []
+    return [
+        EventDraft(
+            "poll_recovered",
+            "info",
+            "resolved",
+            f"{target}: polling succeeds again after {failures_before} failures",
+        )
+    ]
+
+
+def _first_seen(target: str, current: Any) -> EventDraft:
+    return EventDraft(
+        "first_seen",
+        "info",
+        "firing",
+        f"{target}: first snapshot of the email provider configuration",
+        tuple(diff(None, current)),
+    )
+
+
+def _change_events(target: str, previous: Any, current: Any) -> list[EventDraft]:
+    changes = diff(previous, current)
+    delivery_paths = _delivery_paths(previous) | _delivery_paths(current)
+    claimed: dict[str, list[Change]] = {}
+    for change in changes:
+        claimed.setdefault(_kind_of(change, delivery_paths), []).append(change)
+    return [
+        _change_event(target, kind, tuple(claimed[kind])) for kind in _TEMPLATES if kind in claimed
+    ]
+
+
+def _kind_of(change: Change, delivery_paths: set[str]) -> str:
+    if change.path == "enabled":
+        return "provider_enabled" if change.new is True else "provider_disabled"
+    if change.path == "type":
+        return "type_changed"
+    if change.path in delivery_paths:
+        return "delivery_changed"
+    if _is_fingerprint(change.old) or _is_fingerprint(change.new):
+        return "secret_rotated"
+    return "config_changed"
+
+
+def _delivery_paths(document: Any) -> set[str]:
+    kind = document.get("type") if isinstance(document, dict) else None
+    sub = ACTIVE_SUBCONFIG.get(kind) if isinstance(kind, str) else None
+    return {f"{sub}.{name}" for name in _DELIVERY_FIELDS} if sub else set()
+
+
+def _is_fingerprint(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(FINGERPRINT_PREFIX)
+
+
+_TEMPLATES: Final[dict[str, tuple[Severity, Status, str]]] = {
+    "provider_disabled": ("critical", "firing", "email provider disabled"),
+    "provider_enabled": ("info", "resolved", "email provider enabled again"),
+    "type_changed": ("critical", "firing", "email provider type changed"),
+    "delivery_changed": ("warning", "firing", "delivery settings changed"),
+    "secret_rotated": ("info", "firing", "a secret was rotated"),
+    "config_changed": ("info", "firing", "configuration changed"),
+}
+
+
+def _change_event(target: str, kind: str, changes: tuple[Change, ...]) -> EventDraft:
+    severity, status, text = _TEMPLATES[kind]
+    details = "; ".join(f"{c.path}: {_show(c.old)} -> {_show(c.new)}" for c in changes)
+    message = f"{target}: {text}" + (f" ({details})" if details else "")
+    return EventDraft(kind, severity, status, message, changes)
+
+
+def _show(value: Any) -> str:
+    return "(absent)" if value is None else repr(value) if isinstance(value, str) else str(value)
