@@ -1,0 +1,121 @@
+"""APScheduler wiring: one job per target, never overlapping, with jitter and backoff."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from monitor.service import PollResult, TargetPoller
+from monitor.timeutil import utc_now
+
+__all__ = ["PollScheduler", "ScheduledTarget", "backoff_delay"]
+
+log = logging.getLogger("monitor.scheduler")
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledTarget:
+    poller: TargetPoller
+    interval: float
+    jitter: float  # fraction of the interval
+
+
+def backoff_delay(
+    *, interval: float, failures: int, cap: float, retry_after: float | None = None
+) -> float:
+    """Seconds to wait after ``failures`` consecutive failures: the interval doubled per
+    failure after the first, capped, but never shorter than the upstream's Retry-After."""
+    if failures <= 0:
+        return 0.0
+    delay = min(max(cap, interval), interval * 2.0 ** min(failures - 1, 32))
+    return max(delay, retry_after or 0.0)
+
+
+class _Job:
+    """The callable APScheduler runs for one target; skips runs inside a backoff window."""
+
+    def __init__(
+        self, target: ScheduledTarget, cap: float, monotonic: Callable[[], float]
+    ) -> None:
+        self._target = target
+        self._cap = cap
+        self._monotonic = monotonic
+        self._not_before = 0.0
+
+    def __call__(self) -> None:
+        if self._monotonic() < self._not_before:
+            return
+        try:
+            result = self._target.poller.poll()
+        except Exception:  # the daemon must outlive any bug in one poll
+            log.exception("poll crashed", extra={"target": self._target.poller.name})
+            return
+        self._plan_next(result)
+
+    def _plan_next(self, result: PollResult) -> None:
+        if result.ok:
+            self._not_before = 0.0
+            return
+        retry_after = result.error.retry_after if result.error is not None else None
+        delay = backoff_delay(
+            interval=self._target.interval,
+            failures=result.failures_in_a_row,
+            cap=self._cap,
+            retry_after=retry_after,
+        )
+        # The job fires every interval; anything shorter than one is already respected.
+        self._not_before = self._monotonic() + delay - self._target.interval * 0.5
+
+
+class PollScheduler:
+    """Starts one interval job per target; the first poll runs at once (within the jitter)."""
+
+    def __init__(
+        self,
+        targets: Sequence[ScheduledTarget],
+        *,
+        backoff_max: float,
+        max_workers: int = 10,
+        now: Callable[[], datetime] = utc_now,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(max_workers=max_workers)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            timezone="UTC",
+        )
+        self._targets = list(targets)
+        self._backoff_max = backoff_max
+        self._now = now
+        self._monotonic = monotonic
+
+    @property
+    def running(self) -> bool:
+        return bool(self._scheduler.running)
+
+    def start(self) -> None:
+        now = self._now()
+        for target in self._targets:
+            spread = target.interval * target.jitter
+            self._scheduler.add_job(
+                _Job(target, self._backoff_max, self._monotonic),
+                IntervalTrigger(seconds=target.interval, jitter=spread or None),
+                id=target.poller.name,
+                name=f"poll {target.poller.name}",
+                next_run_time=now + timedelta(seconds=random.uniform(0, min(spread, 5.0))),
+            )
+        self._scheduler.start()
+
+    def shutdown(self) -> None:
+        if self._scheduler.running:
+            # Do not wait for a poll in flight: it ends by its own HTTP timeout and its outcome
+            # is written (or kept for the next start) like any other.
+            self._scheduler.shutdown(wait=False)

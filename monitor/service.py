@@ -1,0 +1,262 @@
+"""One poll of one target: fetch -> redact -> hash -> events -> store, and the gauges.
+
+A poll's outcome is queued before it is written, so a database outage loses nothing: the queue
+is written in order once the database answers again (events computed then, with the times the
+polls really happened). Repeated sightings of the same snapshot collapse into one queue entry.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from monitor.core import (
+    EventDraft,
+    baseline_mismatches,
+    failure_events,
+    recovery_events,
+    redact,
+    snapshot_events,
+    snapshot_hash,
+)
+from monitor.errors import StorageError, UpstreamError
+from monitor.metrics import Metrics
+from monitor.storage import FailureRecord, Store, TargetState
+from monitor.storage.store import NewSnapshot
+from monitor.timeutil import Clock
+
+__all__ = ["Fetcher", "PollResult", "TargetPoller"]
+
+log = logging.getLogger("monitor.poll")
+
+# Beyond this many unwritten outcomes (a very long database outage) the oldest are dropped;
+# sightings of an unchanged snapshot collapse, so this bounds failures and changes only.
+MAX_PENDING = 10_000
+
+
+class Fetcher(Protocol):
+    def fetch_email_provider(self) -> dict[str, Any]: ...
+
+
+@dataclass(slots=True)
+class _Seen:
+    at: datetime
+    hash: str
+    document: Any
+    drift: bool
+    times: int = 1
+
+
+@dataclass(slots=True)
+class _Failed:
+    at: datetime
+    failure: FailureRecord
+
+
+@dataclass(frozen=True, slots=True)
+class PollResult:
+    """What one poll found, for ``check`` and the scheduler."""
+
+    target: str
+    ok: bool
+    hash: str | None = None
+    document: Any = None
+    drift: bool = False
+    error: UpstreamError | None = None
+    events: list[EventDraft] = field(default_factory=list)
+    stored: bool = True
+    failures_in_a_row: int = 0
+
+
+class TargetPoller:
+    """Polls one target; one instance per target, never called concurrently."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        fetcher: Fetcher,
+        store: Store,
+        metrics: Metrics,
+        fingerprint_key: bytes,
+        expect: Mapping[str, Any],
+        failure_threshold: int,
+        clock: Clock,
+    ) -> None:
+        self.name = name
+        self._fetcher = fetcher
+        self._store = store
+        self._metrics = metrics
+        self._key = fingerprint_key
+        self._expect = dict(expect)
+        self._threshold = failure_threshold
+        self._clock = clock
+        self._state: TargetState | None = None
+        self._pending: deque[_Seen | _Failed] = deque(maxlen=MAX_PENDING)
+        self.failures_in_a_row = 0
+
+    def restore(self, state: TargetState) -> None:
+        """Start from a state read at start-up, and show it in the gauges before any poll."""
+        self._state = state
+        self.failures_in_a_row = state.consecutive_failures
+        if state.hash is not None and state.enabled is not None:
+            self._metrics.set_config(
+                self.name,
+                enabled=state.enabled,
+                provider_type=state.provider_type,
+                hash_=state.hash,
+                drift=state.drift,
+            )
+            self._metrics.set_last_change(self.name, state.last_change_at)
+        if state.up is not None:
+            self._metrics.set_up(self.name, state.up, state.last_success_at)
+
+    def poll(self) -> PollResult:
+        started = time.perf_counter()
+        now = self._clock()
+        try:
+            data = self._fetcher.fetch_email_provider()
+            document = redact(data, self._key)
+            digest = snapshot_hash(document)
+        except UpstreamError as error:
+            return self._failed(error, now, started)
+        drift = bool(baseline_mismatches(document, self._expect)) if self._expect else False
+        self.failures_in_a_row = 0
+        self._metrics.set_config(
+            self.name,
+            enabled=document.get("enabled") is True,
+            provider_type=_type_of(document),
+            hash_=digest,
+            drift=drift,
+        )
+        self._metrics.set_up(self.name, True, now)
+        self._enqueue_seen(_Seen(now, digest, document, drift))
+        events, stored = self._flush()
+        self._metrics.observe_poll(self.name, "success", time.perf_counter() - started)
+        return PollResult(self.name, True, digest, document, drift, events=events, stored=stored)
+
+    def _failed(self, error: UpstreamError, now: datetime, started: float) -> PollResult:
+        self.failures_in_a_row += 1
+        log.warning(
+            "poll failed",
+            extra={
+                "target": self.name,
+                "reason": error.reason,
+                "http_status": error.http_status,
+                "api_code": error.api_code,
+                "request_id": error.request_id,
+                "detail": error.message,
+                "failures_in_a_row": self.failures_in_a_row,
+            },
+        )
+        self._metrics.set_up(self.name, False, None)
+        failure = FailureRecord(
+            reason=error.reason,
+            message=error.message,
+            http_status=error.http_status,
+            api_code=error.api_code,
+            request_id=error.request_id,
+        )
+        self._pending.append(_Failed(now, failure))
+        events, stored = self._flush()
+        self._metrics.observe_poll(self.name, error.reason, time.perf_counter() - started)
+        return PollResult(
+            self.name,
+            False,
+            error=error,
+            events=events,
+            stored=stored,
+            failures_in_a_row=self.failures_in_a_row,
+        )
+
+    def _enqueue_seen(self, seen: _Seen) -> None:
+        last = self._pending[-1] if self._pending else None
+        if isinstance(last, _Seen) and last.hash == seen.hash:
+            last.at, last.times = seen.at, last.times + 1
+        else:
+            self._pending.append(seen)
+
+    def _flush(self) -> tuple[list[EventDraft], bool]:
+        """Write queued outcomes in order; stop at the first database failure."""
+        written: list[EventDraft] = []
+        try:
+            while self._pending:
+                written.extend(self._apply(self._pending[0]))
+                self._pending.popleft()
+        except StorageError as exc:
+            log.error(
+                "cannot record poll; kept in memory until the database answers",
+                extra={"target": self.name, "detail": str(exc), "pending": len(self._pending)},
+            )
+            return written, False
+        return written, True
+
+    def _apply(self, outcome: _Seen | _Failed) -> list[EventDraft]:
+        state = self._state or self._store.ensure_target(self.name, now=outcome.at)
+        self._state = state
+        if isinstance(outcome, _Failed):
+            failures = state.consecutive_failures + 1
+            events = failure_events(
+                target=self.name,
+                failures=failures,
+                threshold=self._threshold,
+                reason=outcome.failure.reason,
+            )
+            self._state = self._store.record_failure(
+                state, outcome.failure, now=outcome.at, events_=events
+            )
+        else:
+            events = recovery_events(
+                target=self.name,
+                failures_before=state.consecutive_failures,
+                threshold=self._threshold,
+            )
+            if outcome.hash == state.hash:
+                self._state = self._store.record_unchanged(
+                    state, now=outcome.at, times=outcome.times, events_=events
+                )
+            else:
+                events += self._snapshot_events(state, outcome)
+                self._state = self._store.record_snapshot(
+                    state, self._new_snapshot(outcome), now=outcome.at, events_=events
+                )
+                self._log_change(state, outcome)
+        for event in events:
+            self._metrics.count_event(self.name, event.kind)
+        if isinstance(outcome, _Seen):
+            self._metrics.set_last_change(self.name, self._state.last_change_at)
+        return events
+
+    def _snapshot_events(self, state: TargetState, outcome: _Seen) -> list[EventDraft]:
+        return snapshot_events(
+            target=self.name,
+            previous=state.document,
+            current=outcome.document,
+            expect=self._expect,
+            was_drifting=state.drift,
+        )
+
+    def _new_snapshot(self, outcome: _Seen) -> NewSnapshot:
+        return NewSnapshot(
+            hash=outcome.hash,
+            document=outcome.document,
+            enabled=outcome.document.get("enabled") is True,
+            provider_type=_type_of(outcome.document),
+            drift=outcome.drift,
+        )
+
+    def _log_change(self, before: TargetState, outcome: _Seen) -> None:
+        log.warning(
+            "configuration changed" if before.hash else "first snapshot recorded",
+            extra={"target": self.name, "old_hash": before.hash, "new_hash": outcome.hash},
+        )
+
+
+def _type_of(document: Any) -> str | None:
+    value = document.get("type")
+    return value if isinstance(value, str) else None

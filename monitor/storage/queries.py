@@ -1,0 +1,315 @@
+"""The read side: one query layer that both the CLI and the HTTP API call."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, Select, and_, or_, select
+from sqlalchemy.engine import Connection, RowMapping
+from sqlalchemy.exc import SQLAlchemyError
+
+from monitor.errors import StorageError
+from monitor.storage.engine import describe_error
+from monitor.storage.schema import events, poll_state, snapshots, targets
+from monitor.timeutil import format_time, parse_time_strict
+
+__all__ = ["EventView", "Queries", "SnapshotView", "TargetView", "decode_cursor", "encode_cursor"]
+
+_HEX_PREFIX = re.compile(r"^(?:sha256:)?([0-9a-f]{6,64})$")
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotView:
+    id: int
+    target: str
+    hash: str
+    document: Any
+    enabled: bool
+    provider_type: str | None
+    drift: bool
+    first_seen_at: datetime
+    last_seen_at: datetime
+    seen_count: int
+
+    def as_dict(self, *, with_document: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "target": self.target,
+            "hash": self.hash,
+            "enabled": self.enabled,
+            "type": self.provider_type,
+            "drift": self.drift,
+            "first_seen_at": format_time(self.first_seen_at),
+            "last_seen_at": format_time(self.last_seen_at),
+            "seen_count": self.seen_count,
+        }
+        if with_document:
+            out["document"] = self.document
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class EventView:
+    id: int
+    target: str
+    kind: str
+    severity: str
+    status: str
+    at: datetime
+    snapshot: str | None
+    previous: str | None
+    changes: list[dict[str, Any]]
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "target": self.target,
+            "kind": self.kind,
+            "severity": self.severity,
+            "status": self.status,
+            "at": format_time(self.at),
+            "snapshot": self.snapshot,
+            "previous": self.previous,
+            "changes": self.changes,
+            "message": self.message,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TargetView:
+    name: str
+    enabled: bool | None
+    provider_type: str | None
+    hash: str | None
+    drift: bool | None
+    up: bool | None
+    consecutive_failures: int
+    last_attempt_at: datetime | None
+    last_success_at: datetime | None
+    last_change_at: datetime | None
+    last_error: dict[str, Any] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "enabled": self.enabled,
+            "type": self.provider_type,
+            "hash": self.hash,
+            "drift": self.drift,
+            "up": self.up,
+            "consecutive_failures": self.consecutive_failures,
+            "last_attempt_at": format_time(self.last_attempt_at),
+            "last_success_at": format_time(self.last_success_at),
+            "last_change_at": format_time(self.last_change_at),
+            "last_error": self.last_error,
+        }
+
+
+def encode_cursor(at: datetime, row_id: int) -> str:
+    """An opaque keyset cursor: the position after the row (at, id) in newest-first order."""
+    raw = f"{format_time(at)}|{row_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, int]:
+    """The (at, id) a cursor stands for; ValueError when it is not one of ours."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        at_text, id_text = raw.split("|")
+        return parse_time_strict(at_text), int(id_text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError("not a valid cursor") from exc
+
+
+class Queries:
+    """Read-only questions about the recorded history."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def targets(self, name: str | None = None) -> list[TargetView]:
+        query = (
+            select(targets.c.name, poll_state, snapshots)
+            .select_from(targets)
+            .join(poll_state, poll_state.c.target_id == targets.c.id)
+            .outerjoin(snapshots, snapshots.c.id == poll_state.c.current_snapshot_id)
+            .order_by(targets.c.name)
+        )
+        if name is not None:
+            query = query.where(targets.c.name == name)
+        with self._connect() as connection:
+            return [_target_view(row._mapping) for row in connection.execute(query)]
+
+    def target_exists(self, name: str) -> bool:
+        with self._connect() as connection:
+            found = connection.execute(select(targets.c.id).where(targets.c.name == name))
+            return found.first() is not None
+
+    def snapshots(
+        self,
+        *,
+        target: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> list[SnapshotView]:
+        """Snapshots newest first (by first seen)."""
+        query = _snapshot_select()
+        if target is not None:
+            query = query.where(targets.c.name == target)
+        if since is not None:
+            query = query.where(snapshots.c.last_seen_at >= since)
+        if until is not None:
+            query = query.where(snapshots.c.first_seen_at <= until)
+        if cursor is not None:
+            at, row_id = decode_cursor(cursor)
+            query = query.where(
+                or_(
+                    snapshots.c.first_seen_at < at,
+                    and_(snapshots.c.first_seen_at == at, snapshots.c.id < row_id),
+                )
+            )
+        query = query.order_by(snapshots.c.first_seen_at.desc(), snapshots.c.id.desc())
+        with self._connect() as connection:
+            rows = connection.execute(query.limit(limit))
+            return [_snapshot_view(row._mapping) for row in rows]
+
+    def snapshot(self, ref: str) -> SnapshotView | None:
+        """A snapshot by numeric id, full hash or unique hash prefix (newest row of that hash)."""
+        query = _snapshot_select()
+        if ref.isdigit() and len(ref) < 12:
+            query = query.where(snapshots.c.id == int(ref))
+        else:
+            match = _HEX_PREFIX.match(ref.lower())
+            if match is None:
+                return None
+            digits = match.group(1)
+            if len(digits) == 64:
+                query = query.where(snapshots.c.hash == "sha256:" + digits)
+            else:
+                query = query.where(snapshots.c.hash.startswith("sha256:" + digits))
+        query = query.order_by(snapshots.c.id.desc()).limit(1)
+        with self._connect() as connection:
+            row = connection.execute(query).first()
+            return _snapshot_view(row._mapping) if row is not None else None
+
+    def at(self, target: str, when: datetime) -> SnapshotView | None:
+        """The snapshot in force for ``target`` at ``when``: greatest first_seen_at <= when."""
+        query = (
+            _snapshot_select()
+            .where(targets.c.name == target, snapshots.c.first_seen_at <= when)
+            .order_by(snapshots.c.first_seen_at.desc(), snapshots.c.id.desc())
+            .limit(1)
+        )
+        with self._connect() as connection:
+            row = connection.execute(query).first()
+            return _snapshot_view(row._mapping) if row is not None else None
+
+    def events(
+        self,
+        *,
+        target: str | None = None,
+        kinds: tuple[str, ...] = (),
+        severity: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> list[EventView]:
+        """Events newest first; pass the last row's cursor to read the next page."""
+        query = select(events, targets.c.name).join(targets, targets.c.id == events.c.target_id)
+        if target is not None:
+            query = query.where(targets.c.name == target)
+        if kinds:
+            query = query.where(events.c.kind.in_(kinds))
+        if severity is not None:
+            query = query.where(events.c.severity == severity)
+        if since is not None:
+            query = query.where(events.c.at >= since)
+        if until is not None:
+            query = query.where(events.c.at <= until)
+        if cursor is not None:
+            at, row_id = decode_cursor(cursor)
+            query = query.where(
+                or_(events.c.at < at, and_(events.c.at == at, events.c.id < row_id))
+            )
+        query = query.order_by(events.c.at.desc(), events.c.id.desc()).limit(limit)
+        with self._connect() as connection:
+            return [_event_view(row._mapping) for row in connection.execute(query)]
+
+    @contextmanager
+    def _connect(self) -> Iterator[Connection]:
+        try:
+            with self.engine.connect() as connection:
+                yield connection
+        except SQLAlchemyError as exc:
+            raise StorageError(describe_error(exc)) from None
+
+
+def _snapshot_select() -> Select[Any]:
+    return select(snapshots, targets.c.name).join(targets, targets.c.id == snapshots.c.target_id)
+
+
+def _snapshot_view(m: RowMapping) -> SnapshotView:
+    return SnapshotView(
+        id=m[snapshots.c.id],
+        target=m[targets.c.name],
+        hash=m[snapshots.c.hash],
+        document=json.loads(m[snapshots.c.document]),
+        enabled=m[snapshots.c.enabled],
+        provider_type=m[snapshots.c.provider_type],
+        drift=m[snapshots.c.drift],
+        first_seen_at=m[snapshots.c.first_seen_at],
+        last_seen_at=m[snapshots.c.last_seen_at],
+        seen_count=m[snapshots.c.seen_count],
+    )
+
+
+def _event_view(m: RowMapping) -> EventView:
+    return EventView(
+        id=m[events.c.id],
+        target=m[targets.c.name],
+        kind=m[events.c.kind],
+        severity=m[events.c.severity],
+        status=m[events.c.status],
+        at=m[events.c.at],
+        snapshot=m[events.c.snapshot_hash],
+        previous=m[events.c.previous_hash],
+        changes=json.loads(m[events.c.changes]),
+        message=m[events.c.message],
+    )
+
+
+def _target_view(m: RowMapping) -> TargetView:
+    error = None
+    if m[poll_state.c.last_error_reason] is not None:
+        error = {
+            "reason": m[poll_state.c.last_error_reason],
+            "http_status": m[poll_state.c.last_error_status],
+            "api_code": m[poll_state.c.last_error_api_code],
+            "message": m[poll_state.c.last_error_message],
+            "request_id": m[poll_state.c.last_error_request_id],
+            "at": format_time(m[poll_state.c.last_error_at]),
+        }
+    return TargetView(
+        name=m[targets.c.name],
+        enabled=m[snapshots.c.enabled],
+        provider_type=m[snapshots.c.provider_type],
+        hash=m[snapshots.c.hash],
+        drift=m[snapshots.c.drift],
+        up=m[poll_state.c.up],
+        consecutive_failures=m[poll_state.c.consecutive_failures],
+        last_attempt_at=m[poll_state.c.last_attempt_at],
+        last_success_at=m[poll_state.c.last_success_at],
+        last_change_at=m[poll_state.c.last_change_at],
+        last_error=error,
+    )

@@ -1,0 +1,145 @@
+"""Table definitions, as the queries see them. Migrations (``migrations/``) create them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+
+__all__ = [
+    "ID",
+    "UTCDateTime",
+    "events",
+    "metadata",
+    "poll_errors",
+    "poll_state",
+    "snapshots",
+    "targets",
+]
+
+# Stable constraint names on SQLite and PostgreSQL, so migrations can refer to them.
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+metadata = MetaData(naming_convention=NAMING)
+
+# 64-bit keys on PostgreSQL; SQLite only auto-increments a column declared INTEGER.
+ID = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out, whatever the database keeps."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+targets = Table(
+    "targets",
+    metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),
+    Column("name", String(128), nullable=False, unique=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+snapshots = Table(
+    "snapshots",
+    metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),
+    Column("target_id", ID, ForeignKey("targets.id"), nullable=False),
+    Column("hash", String(71), nullable=False),
+    Column("document", Text, nullable=False),
+    Column("enabled", Boolean, nullable=False),
+    Column("provider_type", String(64)),
+    Column("drift", Boolean, nullable=False),
+    Column("first_seen_at", UTCDateTime(), nullable=False),
+    Column("last_seen_at", UTCDateTime(), nullable=False),
+    Column("seen_count", Integer, nullable=False),
+    Index(None, "target_id", "first_seen_at"),
+    Index(None, "hash"),
+)
+
+poll_state = Table(
+    "poll_state",
+    metadata,
+    Column("target_id", ID, ForeignKey("targets.id"), primary_key=True),
+    Column("current_snapshot_id", ID, ForeignKey("snapshots.id")),
+    Column("up", Boolean),
+    Column("consecutive_failures", Integer, nullable=False),
+    Column("last_attempt_at", UTCDateTime()),
+    Column("last_success_at", UTCDateTime()),
+    Column("last_change_at", UTCDateTime()),
+    Column("last_error_reason", String(32)),
+    Column("last_error_status", Integer),
+    Column("last_error_api_code", Integer),
+    Column("last_error_message", Text),
+    Column("last_error_request_id", String(128)),
+    Column("last_error_at", UTCDateTime()),
+)
+
+# One row per run of identical failures, so a long outage costs one row, not one per poll.
+poll_errors = Table(
+    "poll_errors",
+    metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),
+    Column("target_id", ID, ForeignKey("targets.id"), nullable=False),
+    Column("reason", String(32), nullable=False),
+    Column("http_status", Integer),
+    Column("api_code", Integer),
+    Column("message", Text, nullable=False),
+    Column("request_id", String(128)),
+    Column("first_at", UTCDateTime(), nullable=False),
+    Column("last_at", UTCDateTime(), nullable=False),
+    Column("count", Integer, nullable=False),
+    Index(None, "target_id", "last_at"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),
+    Column("target_id", ID, ForeignKey("targets.id"), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("severity", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("at", UTCDateTime(), nullable=False),
+    Column("snapshot_hash", String(71)),
+    Column("previous_hash", String(71)),
+    Column("changes", Text, nullable=False),
+    Column("message", Text, nullable=False),
+    Index(None, "target_id", "at"),
+    Index(None, "at"),
+)

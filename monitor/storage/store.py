@@ -1,0 +1,327 @@
+"""The write path of a poll: one transaction per outcome, events in the same transaction."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, insert, select, text, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from monitor.core import EventDraft
+from monitor.errors import StorageError
+from monitor.storage.engine import WRITE, describe_error
+from monitor.storage.schema import events, poll_errors, poll_state, snapshots, targets
+
+__all__ = ["FailureRecord", "NewSnapshot", "Store", "TargetState"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class TargetState:
+    """What a poll needs to remember between polls of one target; mirrors the database."""
+
+    target_id: int
+    name: str
+    snapshot_id: int | None = None
+    hash: str | None = None
+    document: Any = None
+    enabled: bool | None = None
+    provider_type: str | None = None
+    drift: bool = False
+    up: bool | None = None
+    consecutive_failures: int = 0
+    last_success_at: datetime | None = None
+    last_change_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FailureRecord:
+    """A failed poll as kept in the database (never the raw body, never a secret)."""
+
+    reason: str
+    message: str
+    http_status: int | None = None
+    api_code: int | None = None
+    request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewSnapshot:
+    hash: str
+    document: Any
+    enabled: bool
+    provider_type: str | None
+    drift: bool
+
+
+class Store:
+    """Writes of the poll path. Every method is one transaction; errors become StorageError."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._writer = engine.execution_options(**{WRITE: True})
+
+    def ping(self) -> bool:
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+        except SQLAlchemyError:
+            return False
+        return True
+
+    def ensure_target(self, name: str, *, now: datetime) -> TargetState:
+        """The stored state of target ``name``, creating the target on first use."""
+        return self._write(lambda c: self._ensure_target(c, name, now))
+
+    def load_states(self) -> list[TargetState]:
+        """The state of every known target (for gauges after a restart)."""
+        with self._read() as connection:
+            rows = connection.execute(select(targets.c.id, targets.c.name)).all()
+            return [self._load_state(connection, row.id, row.name) for row in rows]
+
+    def record_unchanged(
+        self,
+        state: TargetState,
+        *,
+        now: datetime,
+        times: int = 1,
+        events_: Sequence[EventDraft] = (),
+    ) -> TargetState:
+        """Successful polls (``times`` of them) that saw the current snapshot again: no new row."""
+
+        def work(connection: Connection) -> TargetState:
+            if state.snapshot_id is not None:
+                connection.execute(
+                    update(snapshots)
+                    .where(snapshots.c.id == state.snapshot_id)
+                    .values(last_seen_at=now, seen_count=snapshots.c.seen_count + times)
+                )
+            self._mark_success(connection, state.target_id, now)
+            self._insert_events(connection, state, events_, now, state.hash, state.hash)
+            return replace(state, up=True, consecutive_failures=0, last_success_at=now)
+
+        return self._write(work)
+
+    def record_snapshot(
+        self,
+        state: TargetState,
+        snapshot: NewSnapshot,
+        *,
+        now: datetime,
+        events_: Sequence[EventDraft],
+    ) -> TargetState:
+        """A successful poll that saw a new configuration: a new snapshot row and its events."""
+
+        def work(connection: Connection) -> TargetState:
+            snapshot_id = connection.execute(
+                insert(snapshots)
+                .values(
+                    target_id=state.target_id,
+                    hash=snapshot.hash,
+                    document=json.dumps(snapshot.document, sort_keys=True, ensure_ascii=False),
+                    enabled=snapshot.enabled,
+                    provider_type=snapshot.provider_type,
+                    drift=snapshot.drift,
+                    first_seen_at=now,
+                    last_seen_at=now,
+                    seen_count=1,
+                )
+                .returning(snapshots.c.id)
+            ).scalar_one()
+            self._mark_success(
+                connection,
+                state.target_id,
+                now,
+                current_snapshot_id=snapshot_id,
+                last_change_at=now,
+            )
+            self._insert_events(connection, state, events_, now, snapshot.hash, state.hash)
+            return replace(
+                state,
+                snapshot_id=snapshot_id,
+                hash=snapshot.hash,
+                document=snapshot.document,
+                enabled=snapshot.enabled,
+                provider_type=snapshot.provider_type,
+                drift=snapshot.drift,
+                up=True,
+                consecutive_failures=0,
+                last_success_at=now,
+                last_change_at=now,
+            )
+
+        return self._write(work)
+
+    def record_failure(
+        self,
+        state: TargetState,
+        failure: FailureRecord,
+        *,
+        now: datetime,
+        events_: Sequence[EventDraft] = (),
+    ) -> TargetState:
+        """A failed poll: the current snapshot stays, the failure is kept and counted."""
+
+        def work(connection: Connection) -> TargetState:
+            failures = state.consecutive_failures + 1
+            connection.execute(
+                update(poll_state)
+                .where(poll_state.c.target_id == state.target_id)
+                .values(
+                    up=False,
+                    consecutive_failures=failures,
+                    last_attempt_at=now,
+                    last_error_reason=failure.reason,
+                    last_error_status=failure.http_status,
+                    last_error_api_code=failure.api_code,
+                    last_error_message=failure.message,
+                    last_error_request_id=failure.request_id,
+                    last_error_at=now,
+                )
+            )
+            self._append_error(connection, state.target_id, failure, now)
+            self._insert_events(connection, state, events_, now, state.hash, state.hash)
+            return replace(state, up=False, consecutive_failures=failures)
+
+        return self._write(work)
+
+    # -- internals -------------------------------------------------------------------------
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        try:
+            with self.engine.connect() as connection:
+                yield connection
+        except SQLAlchemyError as exc:
+            raise StorageError(describe_error(exc)) from None
+
+    def _write(self, work: Callable[[Connection], T]) -> T:
+        try:
+            with self._writer.begin() as connection:
+                return work(connection)
+        except SQLAlchemyError as exc:
+            raise StorageError(describe_error(exc)) from None
+
+    def _ensure_target(self, connection: Connection, name: str, now: datetime) -> TargetState:
+        target_id = connection.execute(select(targets.c.id).where(targets.c.name == name)).scalar()
+        if target_id is None:
+            try:
+                with connection.begin_nested():
+                    target_id = connection.execute(
+                        insert(targets).values(name=name, created_at=now).returning(targets.c.id)
+                    ).scalar_one()
+                    connection.execute(
+                        insert(poll_state).values(target_id=target_id, consecutive_failures=0)
+                    )
+            except IntegrityError:
+                # Another process created it between our select and insert.
+                target_id = connection.execute(
+                    select(targets.c.id).where(targets.c.name == name)
+                ).scalar_one()
+        return self._load_state(connection, target_id, name)
+
+    @staticmethod
+    def _load_state(connection: Connection, target_id: int, name: str) -> TargetState:
+        row = connection.execute(
+            select(poll_state, snapshots)
+            .select_from(poll_state)
+            .outerjoin(snapshots, snapshots.c.id == poll_state.c.current_snapshot_id)
+            .where(poll_state.c.target_id == target_id)
+        ).first()
+        if row is None:
+            return TargetState(target_id=target_id, name=name)
+        m = row._mapping
+        return TargetState(
+            target_id=target_id,
+            name=name,
+            snapshot_id=m[poll_state.c.current_snapshot_id],
+            hash=m[snapshots.c.hash],
+            document=json.loads(m[snapshots.c.document]) if m[snapshots.c.document] else None,
+            enabled=m[snapshots.c.enabled],
+            provider_type=m[snapshots.c.provider_type],
+            drift=bool(m[snapshots.c.drift]),
+            up=m[poll_state.c.up],
+            consecutive_failures=m[poll_state.c.consecutive_failures],
+            last_success_at=m[poll_state.c.last_success_at],
+            last_change_at=m[poll_state.c.last_change_at],
+        )
+
+    @staticmethod
+    def _mark_success(connection: Connection, target_id: int, now: datetime, **extra: Any) -> None:
+        connection.execute(
+            update(poll_state)
+            .where(poll_state.c.target_id == target_id)
+            .values(
+                up=True, consecutive_failures=0, last_attempt_at=now, last_success_at=now, **extra
+            )
+        )
+
+    @staticmethod
+    def _append_error(
+        connection: Connection, target_id: int, failure: FailureRecord, now: datetime
+    ) -> None:
+        last = connection.execute(
+            select(poll_errors)
+            .where(poll_errors.c.target_id == target_id)
+            .order_by(poll_errors.c.id.desc())
+            .limit(1)
+        ).first()
+        same = last is not None and (
+            last.reason,
+            last.http_status,
+            last.api_code,
+            last.message,
+        ) == (failure.reason, failure.http_status, failure.api_code, failure.message)
+        if last is not None and same:
+            connection.execute(
+                update(poll_errors)
+                .where(poll_errors.c.id == last.id)
+                .values(last_at=now, count=poll_errors.c.count + 1, request_id=failure.request_id)
+            )
+            return
+        connection.execute(
+            insert(poll_errors).values(
+                target_id=target_id,
+                reason=failure.reason,
+                http_status=failure.http_status,
+                api_code=failure.api_code,
+                message=failure.message,
+                request_id=failure.request_id,
+                first_at=now,
+                last_at=now,
+                count=1,
+            )
+        )
+
+    @staticmethod
+    def _insert_events(
+        connection: Connection,
+        state: TargetState,
+        drafts: Sequence[EventDraft],
+        now: datetime,
+        snapshot_hash: str | None,
+        previous_hash: str | None,
+    ) -> None:
+        for draft in drafts:
+            connection.execute(
+                insert(events).values(
+                    target_id=state.target_id,
+                    kind=draft.kind,
+                    severity=draft.severity,
+                    status=draft.status,
+                    at=now,
+                    snapshot_hash=snapshot_hash,
+                    previous_hash=previous_hash,
+                    changes=json.dumps(
+                        [change.as_dict() for change in draft.changes], ensure_ascii=False
+                    ),
+                    message=draft.message,
+                )
+            )
