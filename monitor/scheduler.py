@@ -42,9 +42,7 @@ def backoff_delay(
 class _Job:
     """The callable APScheduler runs for one target; skips runs inside a backoff window."""
 
-    def __init__(
-        self, target: ScheduledTarget, cap: float, monotonic: Callable[[], float]
-    ) -> None:
+    def __init__(self, target: ScheduledTarget, cap: float, monotonic: Callable[[], float]) -> None:
         self._target = target
         self._cap = cap
         self._monotonic = monotonic

@@ -228,6 +228,11 @@ class TargetPoller:
                 self._log_change(state, outcome)
         for event in events:
             self._metrics.count_event(self.name, event.kind)
+            log.log(
+                logging.INFO if event.severity == "info" else logging.WARNING,
+                event.message,
+                extra={"target": self.name, "kind": event.kind, "severity": event.severity},
+            )
         if isinstance(outcome, _Seen):
             self._metrics.set_last_change(self.name, self._state.last_change_at)
         return events
@@ -251,7 +256,7 @@ class TargetPoller:
         )
 
     def _log_change(self, before: TargetState, outcome: _Seen) -> None:
-        log.warning(
+        log.info(
             "configuration changed" if before.hash else "first snapshot recorded",
             extra={"target": self.name, "old_hash": before.hash, "new_hash": outcome.hash},
         )

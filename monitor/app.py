@@ -1,0 +1,179 @@
+"""The one place that builds real objects from settings: engine, client, pollers, server."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+from prometheus_client import CollectorRegistry
+
+from monitor import __version__
+from monitor.api import create_app
+from monitor.config import Settings, TargetSettings
+from monitor.genauth import GenAuthClient
+from monitor.http_server import HttpServer
+from monitor.metrics import Metrics
+from monitor.scheduler import PollScheduler, ScheduledTarget
+from monitor.service import TargetPoller
+from monitor.storage import Queries, Store, create_store_engine, upgrade
+from monitor.timeutil import Clock, utc_now
+
+__all__ = ["Daemon", "Runtime", "build_runtime", "fingerprint_key"]
+
+log = logging.getLogger("monitor")
+
+KEY_FILE_SUFFIX = ".fingerprint-key"
+
+
+def fingerprint_key(settings: Settings) -> bytes:
+    """The HMAC key for secret fingerprints: configured, or a generated file reused later."""
+    configured = settings.monitor.fingerprint_key
+    if configured is not None:
+        return configured.get_secret_value()
+    path = _key_file_path(settings)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process made it first; read theirs
+        else:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(32) + "\n")
+            log.warning("created a new fingerprint key file", extra={"path": str(path)})
+    key = path.read_text().strip().encode()
+    if not key:
+        raise RuntimeError(f"fingerprint key file {path} is empty")
+    return key
+
+
+def _key_file_path(settings: Settings) -> Path:
+    sqlite_path = settings.storage.sqlite_path
+    if sqlite_path is not None:
+        return sqlite_path.with_name(sqlite_path.name + KEY_FILE_SUFFIX)
+    base = settings.source.parent if settings.source is not None else Path.cwd()
+    return base / ("genauth-monitor" + KEY_FILE_SUFFIX)
+
+
+@dataclass
+class Runtime:
+    """Objects shared by the daemon and one-shot commands such as ``check``."""
+
+    settings: Settings
+    store: Store
+    queries: Queries
+    registry: CollectorRegistry
+    metrics: Metrics
+    pollers: dict[str, TargetPoller] = field(default_factory=dict)
+
+
+def build_runtime(
+    settings: Settings,
+    *,
+    clock: Clock = utc_now,
+    session: requests.Session | None = None,
+    migrate: bool = True,
+) -> Runtime:
+    """Open the database (migrating it), and build a poller per target restored from it."""
+    engine = create_store_engine(settings.storage.url)
+    if migrate:
+        upgrade(engine)
+    registry = CollectorRegistry()
+    runtime = Runtime(
+        settings=settings,
+        store=Store(engine),
+        queries=Queries(engine),
+        registry=registry,
+        metrics=Metrics(registry),
+    )
+    key = fingerprint_key(settings)
+    shared_session = session or requests.Session()
+    for target in settings.targets:
+        poller = TargetPoller(
+            name=target.name,
+            fetcher=_client(settings, target, shared_session),
+            store=runtime.store,
+            metrics=runtime.metrics,
+            fingerprint_key=key,
+            expect=target.expect,
+            failure_threshold=settings.monitor.failure_threshold,
+            clock=clock,
+        )
+        poller.restore(runtime.store.ensure_target(target.name, now=clock()))
+        runtime.pollers[target.name] = poller
+    return runtime
+
+
+def _client(settings: Settings, target: TargetSettings, session: requests.Session) -> GenAuthClient:
+    return GenAuthClient(
+        base_url=target.base_url,
+        access_key_id=target.access_key_id,
+        access_key_secret=target.access_key_secret.get_secret_value(),
+        userpool_id=target.userpool_id,
+        timeout=target.timeout or settings.monitor.timeout,
+        session=session,
+        ca_bundle=str(target.ca_bundle) if target.ca_bundle else None,
+    )
+
+
+class Daemon:
+    """``run``: scheduler plus HTTP server over one runtime."""
+
+    def __init__(self, settings: Settings, *, clock: Clock = utc_now) -> None:
+        self.runtime = build_runtime(settings, clock=clock)
+        monitor = settings.monitor
+        self.scheduler = PollScheduler(
+            [
+                ScheduledTarget(poller, target.interval or monitor.interval, monitor.jitter)
+                for target, poller in zip(
+                    settings.targets, self.runtime.pollers.values(), strict=True
+                )
+            ],
+            backoff_max=monitor.backoff_max,
+        )
+        token = settings.server.api_token
+        app = create_app(
+            registry=self.runtime.registry,
+            queries=self.runtime.queries,
+            ready=self.ready,
+            api_token=token.get_secret_value() if token is not None else None,
+            clock=clock,
+            metrics_token=settings.server.metrics_require_token,
+        )
+        self.http = HttpServer(app, host=settings.server.host, port=settings.server.port)
+
+    def ready(self) -> tuple[bool, dict[str, bool]]:
+        checks = {"database": self.runtime.store.ping(), "scheduler": self.scheduler.running}
+        return all(checks.values()), checks
+
+    def start(self) -> None:
+        self.http.start()
+        self.scheduler.start()
+        settings = self.runtime.settings
+        log.info(
+            "genauth-monitor started",
+            extra={
+                "version": __version__,
+                "targets": len(settings.targets),
+                "listen": f"{settings.server.host}:{self.http.port}",
+                "storage": settings.storage.display_url,
+            },
+        )
+
+    def stop(self) -> None:
+        self.scheduler.shutdown()
+        self.http.stop()
+        self.runtime.store.engine.dispose()
+        log.info("genauth-monitor stopped")
+
+    def run_until(self, stop: threading.Event) -> None:
+        self.start()
+        try:
+            stop.wait()
+        finally:
+            self.stop()

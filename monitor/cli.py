@@ -1,0 +1,475 @@
+"""The ``genauth-monitor`` command line: thin commands over app, storage queries and core."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from monitor import __version__
+from monitor.config import Settings, default_config_path, load_settings, summary
+from monitor.core import diff
+from monitor.errors import ConfigError, MonitorError
+from monitor.logs import setup_logging
+from monitor.storage import Queries, create_store_engine, upgrade
+from monitor.storage.queries import EventView, SnapshotView
+from monitor.timeutil import parse_time, utc_now
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_DRIFT, EXIT_USAGE, EXIT_POLL_FAILED, EXIT_UNKNOWN = 0, 1, 2, 3, 4
+
+log = logging.getLogger("monitor.cli")
+
+
+class UsageError(Exception):
+    """A bad argument: printed as one line, exit code 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    setup_logging(level=args.log_level, fmt=args.log_format)
+    try:
+        code: int = args.handler(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"genauth-monitor: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except MonitorError as exc:
+        print(f"genauth-monitor: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+# -- parser ---------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        help="config file (default: $GENAUTH_MONITOR_CONFIG, then ./genauth-monitor.toml)",
+    )
+    common.add_argument("--log-format", choices=("text", "json"), default="text")
+    common.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    parser = argparse.ArgumentParser(
+        prog="genauth-monitor",
+        description="Watch GenAuth email provider settings for drift; keep an audit history.",
+    )
+    parser.add_argument("--version", action="version", version=f"genauth-monitor {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    def command(name: str, handler: Callable[[argparse.Namespace], int], text: str) -> Any:
+        sub = commands.add_parser(name, parents=[common], help=text, description=text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command("run", _cmd_run, "run the daemon: migrate, schedule polls, serve HTTP")
+    check = command("check", _cmd_check, "poll each target once now and print its state")
+    check.add_argument("--target", help="only this target")
+    check.add_argument("--json", action="store_true", help="print JSON")
+
+    history = command("history", _cmd_history, "recorded events, newest first")
+    history.add_argument("--target")
+    history.add_argument("--since", help="RFC 3339 time or age such as 24h, 7d")
+    history.add_argument("--until", help="RFC 3339 time or age such as 1h")
+    history.add_argument("--kind", action="append", help="event kind (repeatable, or a,b)")
+    history.add_argument("--limit", type=int, default=50)
+    history.add_argument("--json", action="store_true", help="same as --format json")
+    history.add_argument("--format", choices=("table", "json", "jsonl", "csv"), default="table")
+
+    snaps = command("snapshots", _cmd_snapshots, "stored snapshots with first/last seen")
+    snaps.add_argument("--target")
+    snaps.add_argument("--limit", type=int, default=100)
+    snaps.add_argument("--json", action="store_true")
+
+    show = command("show", _cmd_show, "one snapshot's redacted document")
+    show.add_argument("ref", metavar="HASH_OR_ID")
+
+    diff_cmd = command("diff", _cmd_diff, "field-level diff of two snapshots")
+    diff_cmd.add_argument("a", metavar="A", help="hash, hash prefix or id")
+    diff_cmd.add_argument("b", metavar="B", help="hash, hash prefix or id")
+    diff_cmd.add_argument("--json", action="store_true")
+
+    at = command("at", _cmd_at, "the configuration in force at a time")
+    at.add_argument("--target", required=True)
+    at.add_argument("time", metavar="TIME", help="RFC 3339 time or age such as 24h")
+    at.add_argument("--json", action="store_true")
+
+    command("verify", _cmd_verify, "check the audit hash chain")
+
+    db = command("db", _no_subcommand, "database maintenance").add_subparsers(metavar="ACTION")
+    upgrade_cmd = db.add_parser("upgrade", parents=[common], help="migrate to the newest schema")
+    upgrade_cmd.set_defaults(handler=_cmd_db_upgrade)
+
+    conf = command("config", _no_subcommand, "configuration tools").add_subparsers(metavar="ACTION")
+    conf_check = conf.add_parser("check", parents=[common], help="validate the configuration")
+    conf_check.set_defaults(handler=_cmd_config_check)
+
+    demo = command("demo", _cmd_demo, "run against a built-in simulated GenAuth API")
+    demo.add_argument("--listen", default="127.0.0.1:9464", help="HTTP listen address")
+    demo.add_argument("--period", type=float, default=5.0, help="seconds between upstream changes")
+    demo.add_argument("--duration", type=float, help="stop after this many seconds")
+    return parser
+
+
+def _no_subcommand(args: argparse.Namespace) -> int:
+    raise UsageError("this command needs an action; see --help")
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    path = args.config or default_config_path(None)
+    settings = load_settings(path)
+    if args.log_level is None:
+        logging.getLogger().setLevel(settings.monitor.log_level.upper())
+    return settings
+
+
+def _queries(settings: Settings) -> Queries:
+    engine = create_store_engine(settings.storage.url)
+    upgrade(engine)
+    return Queries(engine)
+
+
+def _time_arg(name: str, value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        return parse_time(value, now=utc_now())
+    except ValueError as exc:
+        raise UsageError(f"{name}: {exc}") from None
+
+
+def _limit(value: int) -> int:
+    if not 1 <= value <= 100_000:
+        raise UsageError("--limit: must be between 1 and 100000")
+    return value
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    lines = [header, *rows]
+    return "\n".join(
+        "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def _short(digest: str | None) -> str:
+    return digest.removeprefix("sha256:")[:12] if digest else "-"
+
+
+def _known_target(settings: Settings, queries: Queries, name: str | None) -> None:
+    if name is not None and not queries.target_exists(name):
+        names = {t.name for t in settings.targets}
+        if name not in names:
+            raise UsageError(f"--target: unknown target {name!r}")
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from monitor.app import Daemon
+
+    daemon = Daemon(_settings(args))
+    _run_until_signal(daemon.run_until)
+    return EXIT_OK
+
+
+def _run_until_signal(run: Callable[[threading.Event], None]) -> None:
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("stopping", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    run(stop)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from monitor.app import build_runtime
+
+    settings = _settings(args)
+    if args.target is not None and args.target not in {t.name for t in settings.targets}:
+        raise UsageError(f"--target: unknown target {args.target!r}")
+    runtime = build_runtime(settings)
+    results = [
+        poller.poll() for name, poller in runtime.pollers.items() if args.target in (None, name)
+    ]
+    report = []
+    for result in results:
+        entry: dict[str, Any] = {"target": result.target, "ok": result.ok}
+        if result.ok:
+            entry.update(
+                enabled=result.document.get("enabled") is True,
+                type=result.document.get("type"),
+                hash=result.hash,
+                drift=result.drift,
+            )
+        else:
+            assert result.error is not None
+            error = result.error
+            entry["error"] = {
+                "reason": error.reason,
+                "message": error.message,
+                "http_status": error.http_status,
+                "api_code": error.api_code,
+                "request_id": error.request_id,
+            }
+        entry["recorded"] = result.stored
+        entry["events"] = [
+            {"kind": e.kind, "severity": e.severity, "message": e.message} for e in result.events
+        ]
+        report.append(entry)
+    code = _check_exit_code(report)
+    if args.json:
+        _print_json({"targets": report, "exit_code": code})
+    else:
+        for entry in report:
+            print(_check_line(entry))
+            for event in entry["events"]:
+                print(f"    {event['severity']}: {event['message']}")
+    return code
+
+
+def _check_exit_code(report: list[dict[str, Any]]) -> int:
+    # A known bad state outranks an unknown one: disabled or drifting is what operators page on.
+    if any(e["ok"] and (not e["enabled"] or e["drift"]) for e in report):
+        return EXIT_DRIFT
+    if any(not e["ok"] for e in report):
+        return EXIT_POLL_FAILED
+    return EXIT_OK
+
+
+def _check_line(entry: dict[str, Any]) -> str:
+    if not entry["ok"]:
+        error = entry["error"]
+        status = f" HTTP {error['http_status']}" if error["http_status"] else ""
+        return f"{entry['target']}: POLL FAILED ({error['reason']}{status}): {error['message']}"
+    return (
+        f"{entry['target']}: {'enabled' if entry['enabled'] else 'DISABLED'}"
+        f" type={entry['type'] or '-'} hash={entry['hash']}"
+        f" drift={'YES' if entry['drift'] else 'no'}"
+    )
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    queries = _queries(settings)
+    _known_target(settings, queries, args.target)
+    kinds = tuple(k for value in args.kind or () for k in value.split(",") if k)
+    rows = queries.events(
+        target=args.target,
+        kinds=kinds,
+        since=_time_arg("--since", args.since),
+        until=_time_arg("--until", args.until),
+        limit=_limit(args.limit),
+    )
+    _print_events(rows, "json" if args.json else args.format)
+    return EXIT_OK
+
+
+def _print_events(rows: list[EventView], fmt: str) -> None:
+    dicts = [row.as_dict() for row in rows]
+    if fmt == "json":
+        _print_json(dicts)
+    elif fmt == "jsonl":
+        for item in dicts:
+            print(json.dumps(item, ensure_ascii=False))
+    elif fmt == "csv":
+        out = io.StringIO()
+        fields = [
+            "id",
+            "at",
+            "target",
+            "kind",
+            "severity",
+            "status",
+            "snapshot",
+            "previous",
+            "message",
+            "changes",
+        ]
+        writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        for item in dicts:
+            writer.writerow({**item, "changes": json.dumps(item["changes"], ensure_ascii=False)})
+        sys.stdout.write(out.getvalue())
+    elif not rows:
+        print("no events")
+    else:
+        table = [
+            [str(r.id), r.as_dict()["at"], r.target, r.kind, r.severity, r.status, r.message]
+            for r in rows
+        ]
+        print(_table(table, ["ID", "AT", "TARGET", "KIND", "SEVERITY", "STATUS", "MESSAGE"]))
+
+
+def _cmd_snapshots(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    queries = _queries(settings)
+    _known_target(settings, queries, args.target)
+    rows = queries.snapshots(target=args.target, limit=_limit(args.limit))
+    if args.json:
+        _print_json([row.as_dict() for row in rows])
+    elif not rows:
+        print("no snapshots")
+    else:
+        print(
+            _table(
+                [_snapshot_row(row) for row in rows],
+                [
+                    "ID",
+                    "TARGET",
+                    "HASH",
+                    "ENABLED",
+                    "TYPE",
+                    "DRIFT",
+                    "FIRST SEEN",
+                    "LAST SEEN",
+                    "COUNT",
+                ],
+            )
+        )
+    return EXIT_OK
+
+
+def _snapshot_row(row: SnapshotView) -> list[str]:
+    data = row.as_dict()
+    return [
+        str(row.id),
+        row.target,
+        row.hash,
+        "yes" if row.enabled else "NO",
+        row.provider_type or "-",
+        "YES" if row.drift else "no",
+        data["first_seen_at"],
+        data["last_seen_at"],
+        str(row.seen_count),
+    ]
+
+
+def _lookup(queries: Queries, ref: str) -> SnapshotView:
+    found = queries.snapshot(ref)
+    if found is None:
+        raise _Unknown(f"unknown snapshot {ref!r}")
+    return found
+
+
+class _Unknown(MonitorError):
+    """Nothing matches: exit code 4."""
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    try:
+        snap = _lookup(_queries(_settings(args)), args.ref)
+    except _Unknown as exc:
+        print(f"genauth-monitor: {exc}", file=sys.stderr)
+        return EXIT_UNKNOWN
+    _print_json(snap.as_dict(with_document=True))
+    return EXIT_OK
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    queries = _queries(_settings(args))
+    try:
+        old, new = _lookup(queries, args.a), _lookup(queries, args.b)
+    except _Unknown as exc:
+        print(f"genauth-monitor: {exc}", file=sys.stderr)
+        return EXIT_UNKNOWN
+    changes = [c.as_dict() for c in diff(old.document, new.document)]
+    if args.json:
+        _print_json({"from": old.hash, "to": new.hash, "changes": changes})
+        return EXIT_OK
+    print(f"--- {old.hash} ({old.target}, first seen {old.as_dict()['first_seen_at']})")
+    print(f"+++ {new.hash} ({new.target}, first seen {new.as_dict()['first_seen_at']})")
+    if not changes:
+        print("no differences")
+    for change in changes:
+        print(f"  {change['path']}: {json.dumps(change['old'])} -> {json.dumps(change['new'])}")
+    return EXIT_OK
+
+
+def _cmd_at(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    queries = _queries(settings)
+    _known_target(settings, queries, args.target)
+    when = _time_arg("TIME", args.time)
+    found = queries.at(args.target, when)
+    if found is None:
+        print(
+            f"genauth-monitor: {args.target} was not observed yet at {args.time}", file=sys.stderr
+        )
+        return EXIT_UNKNOWN
+    data = found.as_dict(with_document=True)
+    if args.json:
+        _print_json(data)
+    else:
+        print(f"{found.target} at {args.time}: snapshot {found.hash}")
+        print(f"in force from {data['first_seen_at']}, last seen {data['last_seen_at']}")
+        _print_json(found.document)
+    return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from monitor.storage.chain import verify_chain
+
+    settings = _settings(args)
+    queries = _queries(settings)
+    report = verify_chain(queries.engine)
+    print(report.describe())
+    return EXIT_OK if report.intact else EXIT_DRIFT
+
+
+def _cmd_db_upgrade(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    upgrade(create_store_engine(settings.storage.url))
+    print(f"database at {settings.storage.display_url} is at the newest schema")
+    return EXIT_OK
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    for line in summary(settings):
+        print(line)
+    print("configuration OK")
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from monitor.demo import run_demo
+
+    _run_until_signal(
+        lambda stop: run_demo(stop, listen=args.listen, period=args.period, duration=args.duration)
+    )
+    return EXIT_OK

@@ -1,0 +1,287 @@
+"""The poll path end to end on real databases: client -> redaction -> hash -> rows -> events."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from monitor.genauth import GenAuthClient
+from prometheus_client import CollectorRegistry
+from sqlalchemy import create_engine, func, select, text
+
+from monitor.metrics import Metrics
+from monitor.service import TargetPoller
+from monitor.simulator import SimulatedGenAuth
+from monitor.storage import Queries, Store, create_store_engine, upgrade
+from monitor.storage.schema import events, poll_errors, snapshots
+from tests.conftest import FakeClock
+
+KEY = b"test-fingerprint-key"
+SMTP_PASS = "Smtp-Pa55word-XYZ"
+SENDGRID_KEY = "SG.api-key-ABCDEF"
+
+CONFIG: dict[str, Any] = {
+    "enabled": True,
+    "type": "custom",
+    "smtpConfig": {
+        "smtp_host": "smtp.example.com",
+        "smtp_port": 465,
+        "sender": "noreply@example.com",
+        "senderPass": SMTP_PASS,
+        "secure": True,
+    },
+    "sendGridConfig": {"sender": "sg@example.com", "apikey": SENDGRID_KEY},
+    "futureField": {"nested": [1, 2, 3]},
+}
+
+
+class Rig:
+    def __init__(self, url: str, sim: SimulatedGenAuth, clock: FakeClock, **kw: Any) -> None:
+        self.url = url
+        self.sim = sim
+        self.clock = clock
+        self.engine = create_store_engine(url)
+        upgrade(self.engine)
+        self.store = Store(self.engine)
+        self.queries = Queries(self.engine)
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.poller = self.new_poller(**kw)
+        self.poller.restore(self.store.ensure_target("prod", now=clock()))
+
+    def new_poller(self, expect: dict[str, Any] | None = None, threshold: int = 3) -> TargetPoller:
+        client = GenAuthClient(
+            base_url=self.sim.base_url,
+            access_key_id=self.sim.access_key_id,
+            access_key_secret=self.sim.access_key_secret,
+            timeout=2.0,
+        )
+        return TargetPoller(
+            name="prod",
+            fetcher=client,
+            store=self.store,
+            metrics=self.metrics,
+            fingerprint_key=KEY,
+            expect=expect or {},
+            failure_threshold=threshold,
+            clock=self.clock,
+        )
+
+    def poll(self) -> Any:
+        self.clock.advance(60)
+        return self.poller.poll()
+
+    def count(self, table: Any) -> int:
+        with self.engine.connect() as connection:
+            return int(connection.execute(select(func.count()).select_from(table)).scalar_one())
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        return self.registry.get_sample_value(name, {"target": "prod", **labels})
+
+
+@pytest.fixture
+def rig(db_url: str, simulator: SimulatedGenAuth, clock: FakeClock) -> Iterator[Rig]:
+    simulator.set_data(copy.deepcopy(CONFIG))
+    made = Rig(db_url, simulator, clock, expect={"enabled": True, "type": "custom"})
+    yield made
+    made.engine.dispose()
+
+
+def _set(sim: SimulatedGenAuth, path: str, value: Any) -> None:
+    data = sim.data
+    node = data
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node[part]
+    node[parts[-1]] = value
+    sim.set_data(data)
+
+
+def test_unchanged_config_costs_no_rows(rig: Rig) -> None:
+    first = rig.poll()
+    assert first.ok and first.stored
+    assert [e.kind for e in first.events] == ["first_seen"]
+    for _ in range(5):
+        again = rig.poll()
+        assert again.ok and again.events == [] and again.hash == first.hash
+    assert rig.count(snapshots) == 1
+    assert rig.count(events) == 1
+    [snap] = rig.queries.snapshots(target="prod")
+    assert snap.seen_count == 6
+    assert snap.last_seen_at == rig.clock.now
+    assert snap.first_seen_at < snap.last_seen_at
+    assert snap.document["futureField"] == {"nested": [1, 2, 3]}, "unknown fields are kept"
+    assert rig.sample("genauth_monitor_polls_total", outcome="success") == 6
+    assert rig.sample("genauth_email_provider_enabled") == 1
+
+
+def test_changes_become_snapshots_and_events(rig: Rig) -> None:
+    first = rig.poll()
+    _set(rig.sim, "smtpConfig.smtp_host", "smtp.attacker.example")
+    moved = rig.poll()
+    assert [e.kind for e in moved.events] == ["delivery_changed"]
+    assert [c.as_dict() for c in moved.events[0].changes] == [
+        {"path": "smtpConfig.smtp_host", "old": "smtp.example.com", "new": "smtp.attacker.example"}
+    ]
+    _set(rig.sim, "smtpConfig.senderPass", "rotated-password-1")
+    assert [e.kind for e in rig.poll().events] == ["secret_rotated"]
+    _set(rig.sim, "enabled", False)
+    disabled = rig.poll()
+    assert [e.kind for e in disabled.events] == ["provider_disabled", "baseline_drift"]
+    assert rig.sample("genauth_email_provider_enabled") == 0
+    assert rig.sample("genauth_email_provider_drift") == 1
+    _set(rig.sim, "enabled", True)
+    assert [e.kind for e in rig.poll().events] == ["provider_enabled", "baseline_restored"]
+    assert rig.count(snapshots) == 5
+
+    history = rig.queries.events(target="prod")
+    assert [e.kind for e in history] == [
+        "baseline_restored",
+        "provider_enabled",
+        "baseline_drift",
+        "provider_disabled",
+        "secret_rotated",
+        "delivery_changed",
+        "first_seen",
+    ]
+    delivery = history[-2]
+    assert delivery.previous == first.hash and delivery.snapshot == moved.hash
+    assert rig.sample("genauth_email_provider_changes_total", kind="delivery_changed") == 1
+    info = next(
+        s for s in rig.registry.collect() if s.name == "genauth_email_provider_info"
+    ).samples
+    assert len(info) == 1, "only the current type/hash series remains"
+
+
+def test_a_config_that_returns_makes_a_new_row(rig: Rig) -> None:
+    original = rig.poll()
+    _set(rig.sim, "smtpConfig.smtp_port", 587)
+    rig.poll()
+    _set(rig.sim, "smtpConfig.smtp_port", 465)
+    back = rig.poll()
+    assert back.hash == original.hash
+    assert rig.count(snapshots) == 3
+    rows = rig.queries.snapshots(target="prod")
+    assert rig.queries.at("prod", rows[0].first_seen_at).hash == original.hash  # type: ignore[union-attr]
+    assert rig.queries.at("prod", rows[1].first_seen_at).id == rows[1].id  # type: ignore[union-attr]
+
+
+def test_failures_are_recorded_counted_and_raise_one_alert(rig: Rig) -> None:
+    good = rig.poll()
+    rig.sim.set_fault("http_502_html")
+    for _ in range(5):
+        failed = rig.poll()
+        assert not failed.ok and failed.error is not None
+        assert failed.error.reason == "http_status" and failed.error.http_status == 502
+    assert [e.kind for e in rig.queries.events(target="prod", kinds=("poll_failing",))] == [
+        "poll_failing"
+    ]
+    assert rig.count(snapshots) == 1, "a failed poll never changes the current snapshot"
+    assert rig.count(poll_errors) == 1, "a run of identical failures is one row"
+    [state] = rig.queries.targets()
+    assert state.hash == good.hash and state.up is False and state.consecutive_failures == 5
+    assert state.last_error is not None and state.last_error["http_status"] == 502
+    assert rig.sample("genauth_monitor_up") == 0
+    assert rig.sample("genauth_monitor_polls_total", outcome="http_status") == 5
+    rig.sim.set_fault(None)
+    recovered = rig.poll()
+    assert [e.kind for e in recovered.events] == ["poll_recovered"]
+    assert rig.sample("genauth_monitor_up") == 1
+    with rig.engine.connect() as connection:
+        count = connection.execute(select(poll_errors.c.count)).scalar_one()
+    assert count == 5
+
+
+def test_body_error_and_bad_shapes_are_classified(rig: Rig) -> None:
+    rig.poll()
+    for fault, reason in [
+        ("status_500_body", "api_error"),
+        ("non_json", "invalid_response"),
+        ("missing_data", "invalid_response"),
+        ("wrong_types", "invalid_response"),
+    ]:
+        rig.sim.set_fault(fault)
+        result = rig.poll()
+        assert result.error is not None and result.error.reason == reason, fault
+    assert rig.count(poll_errors) == 4
+    assert rig.count(snapshots) == 1
+
+
+def test_state_and_gauges_come_back_after_restart(rig: Rig) -> None:
+    rig.poll()
+    _set(rig.sim, "type", "sendgrid")
+    changed = rig.poll()
+    fresh = Rig(rig.url, rig.sim, rig.clock, expect={"type": "custom"})
+    assert fresh.sample("genauth_email_provider_drift") == 1
+    assert (
+        fresh.sample("genauth_email_provider_info", type="sendgrid", hash=changed.hash[7:19]) == 1
+    )
+    assert fresh.sample("genauth_monitor_up") == 1
+    assert fresh.sample("genauth_email_provider_last_change_timestamp_seconds") == (
+        rig.clock.now.timestamp()
+    )
+    again = fresh.poll()
+    assert again.events == [], "the restarted monitor does not re-announce the same state"
+    fresh.engine.dispose()
+
+
+def test_no_secret_reaches_the_database(rig: Rig) -> None:
+    rig.poll()
+    _set(rig.sim, "smtpConfig.senderPass", "Second-Secret-Pass")
+    rig.poll()
+    rig.sim.set_fault("status_500_body")
+    rig.poll()
+    with rig.engine.connect() as connection:
+        dump = []
+        for table in ("snapshots", "events", "poll_state", "poll_errors", "targets"):
+            dump += [
+                json.dumps([str(v) for v in row])
+                for row in connection.execute(text(f"SELECT * FROM {table}"))
+            ]
+    blob = "\n".join(dump)
+    for secret in (SMTP_PASS, SENDGRID_KEY, "Second-Secret-Pass", rig.sim.access_key_secret):
+        assert secret not in blob
+    assert "hmac-sha256:" in blob
+
+
+def test_database_outage_loses_nothing(
+    postgres_url: str, simulator: SimulatedGenAuth, clock: FakeClock
+) -> None:
+    simulator.set_data(copy.deepcopy(CONFIG))
+    rig = Rig(postgres_url, simulator, clock)
+    rig.poll()
+    name = rig.engine.url.database
+    admin = create_engine(rig.engine.url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+
+    def outage(on: bool) -> None:
+        with admin.connect() as connection:
+            connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {not on}'))
+            if on:
+                connection.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        f"WHERE datname = '{name}'"
+                    )
+                )
+
+    outage(True)
+    try:
+        _set(simulator, "smtpConfig.smtp_host", "smtp.during-outage.example")
+        during = rig.poll()
+        assert during.ok and not during.stored
+        assert rig.sample("genauth_email_provider_enabled") == 1
+        assert not rig.store.ping()
+        _set(simulator, "enabled", False)
+        assert not rig.poll().stored
+    finally:
+        outage(False)
+    after = rig.poll()
+    assert after.stored
+    kinds = [e.kind for e in rig.queries.events(target="prod")]
+    assert kinds[:2] == ["provider_disabled", "delivery_changed"], kinds
+    assert rig.count(snapshots) == 3
+    rig.engine.dispose()
+    admin.dispose()
