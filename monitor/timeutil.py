@@ -22,6 +22,8 @@ def format_time(value: datetime | None) -> str | None:
     """RFC 3339 in UTC with a ``Z``; microseconds only when there are any."""
     if value is None:
         return None
+    if value.tzinfo is None:  # databases hand back naive UTC
+        value = value.replace(tzinfo=UTC)
     text = value.astimezone(UTC).isoformat()
     return text.replace("+00:00", "Z")
 

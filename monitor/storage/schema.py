@@ -88,6 +88,8 @@ snapshots = Table(
     Column("first_seen_at", UTCDateTime(), nullable=False),
     Column("last_seen_at", UTCDateTime(), nullable=False),
     Column("seen_count", Integer, nullable=False),
+    Column("chain_seq", ID, unique=True),
+    Column("chain_hash", String(64)),
     Index(None, "target_id", "first_seen_at"),
     Index(None, "hash"),
 )
@@ -140,6 +142,17 @@ events = Table(
     Column("previous_hash", String(71)),
     Column("changes", Text, nullable=False),
     Column("message", Text, nullable=False),
+    Column("chain_seq", ID, unique=True),
+    Column("chain_hash", String(64)),
     Index(None, "target_id", "at"),
     Index(None, "at"),
+)
+
+# The single row (id = 1) holding the end of the audit chain; locked by every append.
+chain_head = Table(
+    "chain_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", ID, nullable=False),
+    Column("hash", String(64), nullable=False),
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -15,10 +16,13 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from monitor.core import EventDraft
 from monitor.errors import StorageError
+from monitor.storage import chain
 from monitor.storage.engine import WRITE, describe_error
 from monitor.storage.schema import events, poll_errors, poll_state, snapshots, targets
 
 __all__ = ["FailureRecord", "NewSnapshot", "Store", "TargetState"]
+
+log = logging.getLogger("monitor.storage")
 
 T = TypeVar("T")
 
@@ -120,21 +124,21 @@ class Store:
         """A successful poll that saw a new configuration: a new snapshot row and its events."""
 
         def work(connection: Connection) -> TargetState:
+            values = {
+                "target_id": state.target_id,
+                "hash": snapshot.hash,
+                "document": json.dumps(snapshot.document, sort_keys=True, ensure_ascii=False),
+                "enabled": snapshot.enabled,
+                "provider_type": snapshot.provider_type,
+                "drift": snapshot.drift,
+                "first_seen_at": now,
+                "last_seen_at": now,
+                "seen_count": 1,
+            }
             snapshot_id = connection.execute(
-                insert(snapshots)
-                .values(
-                    target_id=state.target_id,
-                    hash=snapshot.hash,
-                    document=json.dumps(snapshot.document, sort_keys=True, ensure_ascii=False),
-                    enabled=snapshot.enabled,
-                    provider_type=snapshot.provider_type,
-                    drift=snapshot.drift,
-                    first_seen_at=now,
-                    last_seen_at=now,
-                    seen_count=1,
-                )
-                .returning(snapshots.c.id)
+                insert(snapshots).values(values).returning(snapshots.c.id)
             ).scalar_one()
+            self._chain(connection, "snapshots", {**values, "id": snapshot_id})
             self._mark_success(
                 connection,
                 state.target_id,
@@ -204,10 +208,16 @@ class Store:
 
     def _write(self, work: Callable[[Connection], T]) -> T:
         try:
-            with self._writer.begin() as connection:
-                return work(connection)
+            with self._writer.connect() as connection:
+                connection.info.pop("chain_head", None)
+                with connection.begin():
+                    result = work(connection)
+                head = connection.info.pop("chain_head", None)
         except SQLAlchemyError as exc:
             raise StorageError(describe_error(exc)) from None
+        if head is not None:
+            log.info("audit chain head", extra={"chain_seq": head[0], "chain_hash": head[1]})
+        return result
 
     def _ensure_target(self, connection: Connection, name: str, now: datetime) -> TargetState:
         target_id = connection.execute(select(targets.c.id).where(targets.c.name == name)).scalar()
@@ -310,18 +320,26 @@ class Store:
         previous_hash: str | None,
     ) -> None:
         for draft in drafts:
-            connection.execute(
-                insert(events).values(
-                    target_id=state.target_id,
-                    kind=draft.kind,
-                    severity=draft.severity,
-                    status=draft.status,
-                    at=now,
-                    snapshot_hash=snapshot_hash,
-                    previous_hash=previous_hash,
-                    changes=json.dumps(
-                        [change.as_dict() for change in draft.changes], ensure_ascii=False
-                    ),
-                    message=draft.message,
-                )
-            )
+            values = {
+                "target_id": state.target_id,
+                "kind": draft.kind,
+                "severity": draft.severity,
+                "status": draft.status,
+                "at": now,
+                "snapshot_hash": snapshot_hash,
+                "previous_hash": previous_hash,
+                "changes": json.dumps(
+                    [change.as_dict() for change in draft.changes], ensure_ascii=False
+                ),
+                "message": draft.message,
+            }
+            event_id = connection.execute(
+                insert(events).values(values).returning(events.c.id)
+            ).scalar_one()
+            Store._chain(connection, "events", {**values, "id": event_id})
+
+    @staticmethod
+    def _chain(connection: Connection, table: str, row: dict[str, Any]) -> None:
+        seq, digest = chain.append(connection, table, row)
+        # After commit this is the chain head; logging it lets an outside log anchor the tail.
+        connection.info["chain_head"] = (seq, digest)
