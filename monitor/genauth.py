@@ -1,0 +1,533 @@
+"""The GenAuth (Authing V3) management API client: the only module that imports ``requests``.
+
+One call, :meth:`GenAuthClient.fetch_email_provider`, returns the ``data`` object of
+``GET /api/v3/get-email-provider`` exactly as sent (unknown fields kept) or raises
+:class:`~monitor.errors.UpstreamError` with a ``reason``:
+
+============== ====================================================================
+``network``    no connection, connection reset or closed without an answer, TLS failure
+``timeout``    connect or read took longer than ``timeout``
+``http_status`` an HTTP status other than 2xx (and other than a 401 that a new token cures);
+               ``retry_after`` is set from ``Retry-After`` when present
+``api_error``  HTTP 2xx but the envelope's ``statusCode`` is not 200
+``auth``       the credentials were refused, or a freshly issued token was refused too
+``invalid_response`` not JSON, no ``data``, ``data`` not an object, ``enabled`` not a bool,
+               a known sub-config or ``type`` of the wrong type
+============== ====================================================================
+
+The management token is cached until shortly before it expires (``min(60 s, 10 %)`` of its
+lifetime, measured with the injected clock). On HTTP 401, or an envelope saying the token is
+invalid or expired, the token is dropped, a new one fetched once and the request retried once.
+
+No message raised here carries the access key secret, the token or a raw upstream body; every
+``requests`` exception is translated here and raised without its context.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+import json
+import re
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Final, NoReturn, Self, TypeGuard
+
+import requests
+
+from monitor import __version__
+from monitor.errors import UpstreamError
+
+__all__ = ["PROVIDER_PATH", "TOKEN_PATH", "GenAuthClient"]
+
+TOKEN_PATH: Final = "/api/v3/get-management-token"
+PROVIDER_PATH: Final = "/api/v3/get-email-provider"
+
+_TOKEN_EP: Final = "get-management-token"
+_PROVIDER_EP: Final = "get-email-provider"
+_SUBCONFIGS: Final = ("smtpConfig", "sendGridConfig", "aliExmailConfig", "tencentExmailConfig")
+_MAX_MESSAGE: Final = 200
+_MAX_REQUEST_ID: Final = 100
+_MAX_ERROR_BODY: Final = 64 * 1024
+_MAX_SKEW: Final = 60.0
+_SKEW_FRACTION: Final = 0.1
+
+# A header value we are willing to send: visible ASCII (tokens), or with inner spaces (pool ids).
+_TOKEN_CHARS: Final = re.compile(r"[\x21-\x7e]+")
+_POOL_CHARS: Final = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]+")
+_TOKEN_WORDS: Final = ("token", "令牌", "凭证")
+_BAD_TOKEN_WORDS: Final = ("expire", "invalid", "not valid", "过期", "无效", "失效", "非法")
+
+
+class _TokenRejected(Exception):
+    """Internal: get-email-provider refused the token (HTTP 401 or an envelope saying so)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int,
+        api_code: int | None,
+        request_id: str | None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.http_status = http_status
+        self.api_code = api_code
+        self.request_id = request_id
+
+
+class GenAuthClient:
+    """Fetches one user pool's email-provider configuration from the management API."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        access_key_id: str,
+        access_key_secret: str,
+        userpool_id: str | None = None,
+        timeout: float = 10.0,
+        session: requests.Session | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        ca_bundle: str | None = None,
+        user_agent: str = f"genauth-monitor/{__version__}",
+    ) -> None:
+        base = base_url.strip().rstrip("/")
+        if not base.lower().startswith(("http://", "https://")):
+            raise ValueError("base_url must start with http:// or https://")
+        if not timeout > 0:
+            raise ValueError("timeout must be > 0")
+        self.base_url = base
+        self.access_key_id = access_key_id
+        self.userpool_id = userpool_id
+        self.timeout = timeout
+        self._secret = access_key_secret
+        self._token_url = base + TOKEN_PATH
+        self._provider_url = base + PROVIDER_PATH
+        self._owns_session = session is None
+        self._session = requests.Session() if session is None else session
+        self._clock = clock
+        self._verify: bool | str = ca_bundle if ca_bundle else True
+        self._user_agent = user_agent
+        self._token_headers = {"User-Agent": user_agent, "Accept": "application/json"}
+        self._lock = threading.Lock()
+        # (request headers carrying the token, clock time after which it is refreshed)
+        self._auth: tuple[dict[str, str], float] | None = None
+        self._token: str | None = None
+
+    def __repr__(self) -> str:
+        return f"GenAuthClient(base_url={self.base_url!r}, access_key_id={self.access_key_id!r})"
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the HTTP session if this client created it."""
+        if self._owns_session:
+            self._session.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- the one public call --------------------------------------------------------------
+
+    def fetch_email_provider(self) -> dict[str, Any]:
+        """The pool's ``EmailProviderDto`` as sent; :class:`UpstreamError` on any failure."""
+        headers = self._current_headers()
+        try:
+            return self._fetch(headers)
+        except _TokenRejected:
+            pass
+        self._invalidate(headers)
+        headers = self._current_headers()
+        try:
+            return self._fetch(headers)
+        except _TokenRejected as rejected:
+            error = UpstreamError(
+                "auth",
+                f"{_PROVIDER_EP} refused a freshly issued token: {rejected.message}",
+                http_status=rejected.http_status,
+                api_code=rejected.api_code,
+                request_id=rejected.request_id,
+            )
+        self._invalidate(headers)
+        raise error from None
+
+    # -- get-email-provider ---------------------------------------------------------------
+
+    def _fetch(self, headers: dict[str, str]) -> dict[str, Any]:
+        response = self._send("GET", self._provider_url, _PROVIDER_EP, headers=headers)
+        status = response.status_code
+        if status == 401:
+            self._reject(response, None)
+        if not 200 <= status < 300:
+            self._fail_status(response, _PROVIDER_EP)
+        body = self._decode(response, _PROVIDER_EP)
+        if type(body) is not dict:
+            self._invalid(response, _PROVIDER_EP, f"body is {_kind(body)}, expected an object")
+        if body.get("statusCode") != 200:
+            self._fail_envelope(response, body, _PROVIDER_EP)
+        data = body.get("data")
+        if type(data) is not dict:
+            if data is None:
+                self._invalid(response, _PROVIDER_EP, "envelope has no data")
+            self._invalid(response, _PROVIDER_EP, f"data is {_kind(data)}, expected an object")
+        if type(data.get("enabled")) is not bool:
+            if "enabled" not in data:
+                self._invalid(response, _PROVIDER_EP, "data.enabled is missing")
+            self._invalid(
+                response, _PROVIDER_EP, f"data.enabled is {_kind(data['enabled'])}, expected a bool"
+            )
+        kind = data.get("type")
+        if kind is not None and type(kind) is not str:
+            self._invalid(response, _PROVIDER_EP, f"data.type is {_kind(kind)}, expected a string")
+        for key in _SUBCONFIGS:
+            sub = data.get(key)
+            if sub is not None and type(sub) is not dict:
+                self._invalid(
+                    response, _PROVIDER_EP, f"data.{key} is {_kind(sub)}, expected an object"
+                )
+        return data
+
+    def _reject(self, response: requests.Response, body: dict[str, Any] | None) -> NoReturn:
+        if body is None:
+            body = _small_json_object(response)
+        api_code, request_id, message = self._envelope_fields(body)
+        http = response.status_code
+        what = f"HTTP {http}" if http == 401 else f"statusCode {body and body.get('statusCode')}"
+        raise _TokenRejected(
+            f"{what}: {message}" if message else what,
+            http_status=http,
+            api_code=api_code,
+            request_id=request_id,
+        )
+
+    # -- get-management-token -------------------------------------------------------------
+
+    def _current_headers(self) -> dict[str, str]:
+        auth = self._auth
+        if auth is not None and self._clock() < auth[1]:
+            return auth[0]
+        with self._lock:
+            auth = self._auth
+            if auth is not None and self._clock() < auth[1]:
+                return auth[0]
+            headers, refresh_at = self._new_token()
+            self._auth = (headers, refresh_at)
+            return headers
+
+    def _invalidate(self, headers: dict[str, str]) -> None:
+        with self._lock:
+            if self._auth is not None and self._auth[0] is headers:
+                self._auth = None
+
+    def _new_token(self) -> tuple[dict[str, str], float]:
+        started = self._clock()
+        payload = {"accessKeyId": self.access_key_id, "accessKeySecret": self._secret}
+        response = self._send(
+            "POST", self._token_url, _TOKEN_EP, headers=self._token_headers, json_body=payload
+        )
+        status = response.status_code
+        if status in (401, 403):
+            body = _small_json_object(response)
+            self._auth_failure(response, body, f"HTTP {status}")
+        if not 200 <= status < 300:
+            self._fail_status(response, _TOKEN_EP)
+        body = self._decode(response, _TOKEN_EP)
+        if type(body) is not dict:
+            self._invalid(response, _TOKEN_EP, f"body is {_kind(body)}, expected an object")
+        code = body.get("statusCode")
+        if code != 200:
+            if type(code) is int and code in (400, 401, 403):
+                self._auth_failure(response, body, f"statusCode {code}")
+            self._fail_envelope(response, body, _TOKEN_EP)
+        data = body.get("data")
+        if type(data) is not dict:
+            what = "envelope has no data" if data is None else f"data is {_kind(data)}"
+            self._invalid(response, _TOKEN_EP, what)
+        token = data.get("access_token")
+        if type(token) is not str or not _TOKEN_CHARS.fullmatch(token):
+            self._invalid(response, _TOKEN_EP, "data.access_token is missing or not a token")
+        claims = _jwt_claims(token)
+        lifetime = _lifetime(data.get("expires_in"), claims)
+        if lifetime is None:
+            self._invalid(
+                response, _TOKEN_EP, "data.expires_in is missing or not a positive number"
+            )
+        self._token = token
+        pool = self.userpool_id
+        if pool is None:
+            scoped = claims.get("scoped_userpool_id")
+            if isinstance(scoped, str) and _POOL_CHARS.fullmatch(scoped):
+                pool = scoped
+            else:
+                pool = self.access_key_id
+        headers = {
+            "Authorization": f"Bearer {token}",
+            "x-authing-userpool-id": pool,
+            "x-genauth-userpool-id": pool,
+            "User-Agent": self._user_agent,
+            "Accept": "application/json",
+        }
+        skew = min(_MAX_SKEW, _SKEW_FRACTION * lifetime)
+        return headers, started + lifetime - skew
+
+    def _auth_failure(
+        self, response: requests.Response, body: dict[str, Any] | None, what: str
+    ) -> NoReturn:
+        api_code, request_id, message = self._envelope_fields(body)
+        text = f"{_TOKEN_EP} refused the access key ({what})"
+        raise UpstreamError(
+            "auth",
+            f"{text}: {message}" if message else text,
+            http_status=response.status_code,
+            api_code=api_code,
+            request_id=request_id,
+        )
+
+    # -- shared ---------------------------------------------------------------------------
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        endpoint: str,
+        *,
+        headers: dict[str, str],
+        json_body: dict[str, str] | None = None,
+    ) -> requests.Response:
+        try:
+            return self._session.request(
+                method,
+                url,
+                headers=headers,
+                json=json_body,
+                timeout=self.timeout,
+                verify=self._verify,
+                allow_redirects=False,
+            )
+        except requests.Timeout as exc:
+            phase = "connect" if isinstance(exc, requests.ConnectTimeout) else "read"
+            error = UpstreamError(
+                "timeout", f"{endpoint}: {phase} timed out after {self.timeout:g} s"
+            )
+        except requests.exceptions.SSLError as exc:
+            error = UpstreamError("network", f"{endpoint}: TLS failed ({_root_cause(exc)})")
+        except requests.exceptions.ContentDecodingError:
+            error = UpstreamError("invalid_response", f"{endpoint}: body could not be decoded")
+        except requests.RequestException as exc:
+            error = UpstreamError("network", f"{endpoint}: connection failed ({_root_cause(exc)})")
+        # Raised outside the except blocks: no __context__ holding URLs or bodies.
+        raise error from None
+
+    def _decode(self, response: requests.Response, endpoint: str) -> Any:
+        try:
+            return json.loads(response.content)
+        except (ValueError, RecursionError):
+            pass
+        self._invalid(response, endpoint, f"body is not JSON ({_describe_body(response)})")
+
+    def _fail_status(self, response: requests.Response, endpoint: str) -> NoReturn:
+        status = response.status_code
+        body = _small_json_object(response)
+        api_code, request_id, message = self._envelope_fields(body)
+        text = f"HTTP {status} from {endpoint} ({_describe_body(response)})"
+        raise UpstreamError(
+            "http_status",
+            f"{text}: {message}" if message else text,
+            http_status=status,
+            api_code=api_code,
+            request_id=request_id,
+            retry_after=_retry_after(response.headers.get("Retry-After")),
+        )
+
+    def _fail_envelope(
+        self, response: requests.Response, body: dict[str, Any], endpoint: str
+    ) -> NoReturn:
+        code = body.get("statusCode")
+        if type(code) is not int:
+            if code is None:
+                self._invalid(response, endpoint, "envelope has no statusCode")
+            self._invalid(
+                response, endpoint, f"envelope statusCode is {_kind(code)}, expected a number"
+            )
+        if endpoint == _PROVIDER_EP and _says_bad_token(code, body.get("message")):
+            self._reject(response, body)
+        api_code, request_id, message = self._envelope_fields(body)
+        text = f"{endpoint} failed with statusCode {code}"
+        if api_code is not None:
+            text += f", apiCode {api_code}"
+        raise UpstreamError(
+            "api_error",
+            f"{text}: {message}" if message else text,
+            http_status=response.status_code,
+            api_code=api_code,
+            request_id=request_id,
+        )
+
+    def _invalid(self, response: requests.Response, endpoint: str, what: str) -> NoReturn:
+        status = response.status_code
+        raise UpstreamError("invalid_response", f"{endpoint}: {what}", http_status=status)
+
+    def _envelope_fields(
+        self, body: dict[str, Any] | None
+    ) -> tuple[int | None, str | None, str | None]:
+        """``(apiCode, requestId, message)`` of an envelope, each checked and made safe."""
+        if body is None:
+            return None, None, None
+        raw_code = body.get("apiCode")
+        api_code: int | None = None
+        if type(raw_code) is int:
+            api_code = raw_code
+        elif type(raw_code) is str and raw_code.isascii() and raw_code.isdigit():
+            api_code = int(raw_code[:18])
+        raw_id = body.get("requestId")
+        request_id = self._safe_text(raw_id, _MAX_REQUEST_ID) if type(raw_id) is str else None
+        raw_message = body.get("message")
+        message = self._safe_text(raw_message, _MAX_MESSAGE) if type(raw_message) is str else None
+        return api_code, request_id or None, message or None
+
+    def _safe_text(self, text: str, limit: int) -> str:
+        """Upstream text made fit for a log line: one line, no secret, no token, short."""
+        for secret in (self._secret, self._token):
+            if secret:
+                text = text.replace(secret, "***")
+        text = _CONTROL.sub(" ", text).strip()
+        return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _kind(value: Any) -> str:
+    """A JSON-ish name of ``value``'s type for messages (never the value itself)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a bool"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _says_bad_token(code: int, message: Any) -> bool:
+    if code == 401:
+        return True
+    if type(message) is not str:
+        return False
+    text = message.lower()
+    return any(w in text for w in _TOKEN_WORDS) and any(w in text for w in _BAD_TOKEN_WORDS)
+
+
+def _describe_body(response: requests.Response) -> str:
+    ctype = (response.headers.get("Content-Type") or "").split(";", 1)[0].strip()
+    ctype = _CONTROL.sub("", ctype)[:60] or "no content type"
+    return f"{ctype}, {len(response.content)} bytes"
+
+
+def _small_json_object(response: requests.Response) -> dict[str, Any] | None:
+    """The body as a JSON object if it is a small one (error paths only), else None."""
+    content = response.content
+    if not content or len(content) > _MAX_ERROR_BODY:
+        return None
+    try:
+        body = json.loads(content)
+    except (ValueError, RecursionError):
+        return None
+    return body if type(body) is dict else None
+
+
+def _jwt_claims(token: str) -> dict[str, Any]:
+    """The JWT payload, unverified (only read for the pool id and lifetime); {} if not a JWT."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return {}
+    segment = parts[1]
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        claims = json.loads(raw)
+    except (binascii.Error, ValueError, RecursionError):
+        return {}
+    return claims if type(claims) is dict else {}
+
+
+def _lifetime(expires_in: Any, claims: dict[str, Any]) -> float | None:
+    """Seconds the token lives: ``expires_in``, else the JWT's ``exp - iat``; None if neither."""
+    if _is_number(expires_in) and 0 < expires_in < float("inf"):
+        return float(expires_in)
+    if type(expires_in) is str:
+        try:
+            value = float(expires_in)
+        except ValueError:
+            value = 0.0
+        if 0 < value < float("inf"):
+            return value
+    exp, iat = claims.get("exp"), claims.get("iat")
+    if _is_number(exp) and _is_number(iat) and exp > iat:
+        return float(exp - iat)
+    return None
+
+
+def _is_number(value: Any) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """``Retry-After`` in seconds (delta-seconds or an HTTP-date); None if absent or bad."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return seconds if 0 <= seconds < float("inf") else None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _root_cause(exc: BaseException) -> str:
+    """A short, URL-free reason: the OS error text if there is one, else a class name."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    deepest = type(exc).__name__
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror
+        if current is not exc:
+            deepest = type(current).__name__
+        linked = [a for a in current.args if isinstance(a, BaseException)]
+        reason = getattr(current, "reason", None)
+        if isinstance(reason, BaseException):
+            linked.append(reason)
+        for link in (current.__cause__, current.__context__):
+            if link is not None:
+                linked.append(link)
+        stack.extend(reversed(linked))
+    return deepest

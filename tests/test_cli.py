@@ -1,0 +1,161 @@
+"""The command line through its real entry point, in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from monitor.simulator import SimulatedGenAuth
+from tests.helpers import run_cli, write_config
+
+SECRET = "Acc3ss-Key-Secret-For-CLI"
+
+
+@pytest.fixture
+def sim() -> SimulatedGenAuth:
+    with SimulatedGenAuth(access_key_id="cli-pool", access_key_secret=SECRET) as s:
+        yield s
+
+
+@pytest.fixture
+def env() -> dict[str, str]:
+    return {"GM_TEST_SECRET": SECRET, "GM_TEST_API_TOKEN": "api-token-cli"}
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "genauth-monitor"
+    assert script.exists() or shutil.which("genauth-monitor")
+
+
+def test_config_check(tmp_path: Path, sim: SimulatedGenAuth, env: dict[str, str]) -> None:
+    config = write_config(tmp_path, sim)
+    ok = run_cli("config", "check", "-c", str(config), env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert "prod" in ok.stdout
+    missing = run_cli("config", "check", "-c", str(config), env={"GM_TEST_SECRET": ""})
+    assert missing.returncode == 2
+    assert "targets[0].access_key_secret_env" in missing.stderr
+
+
+def test_bad_config_reports_every_problem_and_no_secret(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(
+        """
+[monitor]
+interval = "soon"
+failure_threshold = 0
+
+[[targets]]
+name = "prod"
+access_key_id = "x"
+access_key_secret = "Inline-Secret-Value-123"
+access_key_secret_env = "ALSO_SET"
+base_url = "ftp://nowhere"
+"""
+    )
+    result = run_cli("check", "-c", str(config), env={"ALSO_SET": "Env-Secret-Value-456"})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert any(line.startswith("monitor.interval:") for line in lines), lines
+    assert any(line.startswith("monitor.failure_threshold:") for line in lines), lines
+    assert any(line.startswith("targets[0].base_url:") for line in lines), lines
+    assert any("targets[0]" in line and "access_key_secret" in line for line in lines), lines
+    assert "Inline-Secret-Value-123" not in result.stderr + result.stdout
+    assert "Env-Secret-Value-456" not in result.stderr + result.stdout
+
+
+def test_check_exit_codes_and_json(
+    tmp_path: Path, sim: SimulatedGenAuth, env: dict[str, str]
+) -> None:
+    config = write_config(tmp_path, sim, expect="[targets.expect]\nenabled = true")
+    fine = run_cli("check", "-c", str(config), "--json", env=env)
+    assert fine.returncode == 0, fine.stderr
+    report = json.loads(fine.stdout)
+    [target] = report["targets"]
+    assert target["ok"] and target["enabled"] is True and target["drift"] is False
+    assert target["hash"].startswith("sha256:")
+    assert [e["kind"] for e in target["events"]] == ["first_seen"]
+
+    data = sim.data
+    data["enabled"] = False
+    sim.set_data(data)
+    disabled = run_cli("check", "-c", str(config), env=env)
+    assert disabled.returncode == 1, disabled.stdout + disabled.stderr
+    assert "DISABLED" in disabled.stdout
+
+    sim.set_fault("http_500_html")
+    failed = run_cli("check", "-c", str(config), "--json", env=env)
+    assert failed.returncode == 3
+    error = json.loads(failed.stdout)["targets"][0]["error"]
+    assert error["reason"] == "http_status" and error["http_status"] == 500
+
+    assert run_cli("check", "-c", str(config), "--target", "nope", env=env).returncode == 2
+
+
+def test_history_and_audit_commands(
+    tmp_path: Path, sim: SimulatedGenAuth, env: dict[str, str]
+) -> None:
+    config = write_config(tmp_path, sim)
+    c = ["-c", str(config)]
+    assert run_cli("db", "upgrade", *c, env=env).returncode == 0
+    assert run_cli("db", "upgrade", *c, env=env).returncode == 0
+    assert run_cli("check", *c, env=env).returncode == 0
+    data = sim.data
+    data["smtpConfig"]["smtp_host"] = "smtp.changed.example"
+    sim.set_data(data)
+    assert run_cli("check", *c, env=env).returncode == 0
+
+    history = run_cli("history", *c, "--json", env=env)
+    assert history.returncode == 0
+    events = json.loads(history.stdout)
+    assert [e["kind"] for e in events] == ["delivery_changed", "first_seen"]
+    assert set(events[0]) >= {
+        "id",
+        "target",
+        "kind",
+        "severity",
+        "status",
+        "at",
+        "snapshot",
+        "previous",
+        "changes",
+        "message",
+    }
+    [change] = events[0]["changes"]
+    assert change["path"] == "smtpConfig.smtp_host" and change["new"] == "smtp.changed.example"
+    only = json.loads(run_cli("history", *c, "--json", "--kind", "first_seen", env=env).stdout)
+    assert [e["kind"] for e in only] == ["first_seen"]
+    table = run_cli("history", *c, env=env)
+    assert "delivery_changed" in table.stdout and "KIND" in table.stdout
+    csv_out = run_cli("history", *c, "--format", "csv", env=env).stdout.splitlines()
+    assert csv_out[0].startswith("id,at,target,kind") and len(csv_out) == 3
+
+    snaps = json.loads(run_cli("snapshots", *c, "--json", env=env).stdout)
+    assert len(snaps) == 2
+    new, old = snaps[0]["hash"], snaps[1]["hash"]
+    assert new == events[0]["snapshot"] and old == events[0]["previous"]
+
+    shown = run_cli("show", *c, new, env=env)
+    assert shown.returncode == 0
+    doc = json.loads(shown.stdout)["document"]
+    assert doc["smtpConfig"]["smtp_host"] == "smtp.changed.example"
+    assert doc["smtpConfig"]["senderPass"].startswith("hmac-sha256:")
+    assert run_cli("show", *c, "sha256:" + "0" * 64, env=env).returncode == 4
+    assert run_cli("show", *c, new[7:19], env=env).returncode == 0, "unique prefix"
+
+    diffed = json.loads(run_cli("diff", *c, old, new, "--json", env=env).stdout)
+    assert [ch["path"] for ch in diffed["changes"]] == ["smtpConfig.smtp_host"]
+
+    at_now = run_cli("at", *c, "--target", "prod", "2999-01-01T00:00:00Z", "--json", env=env)
+    assert at_now.returncode == 0 and json.loads(at_now.stdout)["hash"] == new
+    before = run_cli("at", *c, "--target", "prod", "2000-01-01T00:00:00Z", env=env)
+    assert before.returncode == 4
+    assert run_cli("at", *c, "--target", "prod", "yesterday", env=env).returncode == 2
+
+    verify = run_cli("verify", *c, env=env)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert "4 rows" in verify.stdout
