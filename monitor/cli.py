@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    setup_logging(level=args.log_level, fmt=args.log_format)
+    setup_logging(level=args.log_level or "info", fmt=args.log_format)
     try:
         code: int = args.handler(args)
     except ConfigError as exc:

@@ -49,5 +49,12 @@ def setup_logging(*, level: str = "info", fmt: str = "text", stream: TextIO | No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("apscheduler", "uvicorn", "uvicorn.access", "uvicorn.error", "urllib3"):
+    for noisy in (
+        "alembic",
+        "apscheduler",
+        "uvicorn",
+        "uvicorn.access",
+        "uvicorn.error",
+        "urllib3",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
