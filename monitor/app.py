@@ -11,16 +11,21 @@ from pathlib import Path
 
 import requests
 from prometheus_client import CollectorRegistry
+from sqlalchemy import Engine
 
 from monitor import __version__
+from monitor.alerts import AlertmanagerSink, DeliveryWorker, Sink, SlackSink, WebhookSink
+from monitor.alerts.worker import SinkPolicy
 from monitor.api import create_app
-from monitor.config import Settings, TargetSettings
+from monitor.config import Settings, SinkSettings, TargetSettings
+from monitor.core.alerting import SinkRoute
 from monitor.genauth import GenAuthClient
 from monitor.http_server import HttpServer
 from monitor.metrics import Metrics
 from monitor.scheduler import PollScheduler, ScheduledTarget
 from monitor.service import TargetPoller
 from monitor.storage import Queries, Store, create_store_engine, upgrade
+from monitor.storage.outbox import Outbox
 from monitor.timeutil import Clock, utc_now
 
 __all__ = ["Daemon", "Runtime", "build_runtime", "fingerprint_key"]
@@ -69,7 +74,29 @@ class Runtime:
     queries: Queries
     registry: CollectorRegistry
     metrics: Metrics
+    delivery: DeliveryWorker
     pollers: dict[str, TargetPoller] = field(default_factory=dict)
+
+
+def _sink(sink: SinkSettings, session: requests.Session) -> Sink:
+    url = sink.url
+    if sink.type == "webhook":
+        secret = sink.secret.get_secret_value() if sink.secret is not None else None
+        return WebhookSink(
+            name=sink.name, url=url, session=session, timeout=sink.timeout, secret=secret
+        )
+    if sink.type == "alertmanager":
+        return AlertmanagerSink(name=sink.name, url=url, session=session, timeout=sink.timeout)
+    return SlackSink(name=sink.name, url=url, session=session, timeout=sink.timeout)
+
+
+def _delivery(settings: Settings, engine: Engine, metrics: Metrics, clock: Clock) -> DeliveryWorker:
+    session = requests.Session()
+    policies = [
+        SinkPolicy(_sink(sink, session), sink.max_backoff, sink.repeat_interval)
+        for sink in settings.sinks
+    ]
+    return DeliveryWorker(outbox=Outbox(engine), policies=policies, metrics=metrics, clock=clock)
 
 
 def build_runtime(
@@ -84,12 +111,16 @@ def build_runtime(
     if migrate:
         upgrade(engine)
     registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    delivery = _delivery(settings, engine, metrics, clock)
+    routes = [SinkRoute(s.name, s.min_severity, s.kinds) for s in settings.sinks]
     runtime = Runtime(
         settings=settings,
-        store=Store(engine),
+        store=Store(engine, routes=routes, on_outbox=delivery.wake),
         queries=Queries(engine),
         registry=registry,
-        metrics=Metrics(registry),
+        metrics=metrics,
+        delivery=delivery,
     )
     key = fingerprint_key(settings)
     shared_session = session or requests.Session()
@@ -101,6 +132,7 @@ def build_runtime(
             metrics=runtime.metrics,
             fingerprint_key=key,
             expect=target.expect,
+            ignore=target.ignore,
             failure_threshold=settings.monitor.failure_threshold,
             clock=clock,
         )
@@ -115,7 +147,7 @@ def _client(settings: Settings, target: TargetSettings, session: requests.Sessio
         access_key_id=target.access_key_id,
         access_key_secret=target.access_key_secret.get_secret_value(),
         userpool_id=target.userpool_id,
-        timeout=target.timeout or settings.monitor.timeout,
+        timeout=target.effective_timeout(settings.monitor),
         session=session,
         ca_bundle=str(target.ca_bundle) if target.ca_bundle else None,
     )
@@ -129,7 +161,7 @@ class Daemon:
         monitor = settings.monitor
         self.scheduler = PollScheduler(
             [
-                ScheduledTarget(poller, target.interval or monitor.interval, monitor.jitter)
+                ScheduledTarget(poller, target.effective_interval(monitor), monitor.jitter)
                 for target, poller in zip(
                     settings.targets, self.runtime.pollers.values(), strict=True
                 )
@@ -153,6 +185,7 @@ class Daemon:
 
     def start(self) -> None:
         self.http.start()
+        self.runtime.delivery.start()
         self.scheduler.start()
         settings = self.runtime.settings
         log.info(
@@ -167,6 +200,7 @@ class Daemon:
 
     def stop(self) -> None:
         self.scheduler.shutdown()
+        self.runtime.delivery.stop()
         self.http.stop()
         self.runtime.store.engine.dispose()
         log.info("genauth-monitor stopped")

@@ -21,12 +21,14 @@ from monitor.core import diff
 from monitor.errors import ConfigError, MonitorError
 from monitor.logs import setup_logging
 from monitor.storage import Queries, create_store_engine, upgrade
+from monitor.storage.outbox import Outbox
 from monitor.storage.queries import EventView, SnapshotView
-from monitor.timeutil import parse_time, utc_now
+from monitor.timeutil import format_time, parse_time, utc_now
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_DRIFT, EXIT_USAGE, EXIT_POLL_FAILED, EXIT_UNKNOWN = 0, 1, 2, 3, 4
+CHECK_DELIVERY_WAIT = 10.0  # seconds `check` waits for its alerts to be delivered
 
 log = logging.getLogger("monitor.cli")
 
@@ -117,6 +119,17 @@ def _parser() -> argparse.ArgumentParser:
     at.add_argument("--json", action="store_true")
 
     command("verify", _cmd_verify, "check the audit hash chain")
+
+    alerts = command("alerts", _no_subcommand, "alert outbox tools").add_subparsers(
+        metavar="ACTION"
+    )
+    pending = alerts.add_parser("pending", parents=[common], help="deliveries not yet accepted")
+    pending.add_argument("--sink")
+    pending.add_argument("--json", action="store_true")
+    pending.set_defaults(handler=_cmd_alerts_pending)
+    retry = alerts.add_parser("retry", parents=[common], help="make pending deliveries due now")
+    retry.add_argument("--sink")
+    retry.set_defaults(handler=_cmd_alerts_retry)
 
     db = command("db", _no_subcommand, "database maintenance").add_subparsers(metavar="ACTION")
     upgrade_cmd = db.add_parser("upgrade", parents=[common], help="migrate to the newest schema")
@@ -252,8 +265,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
         ]
         report.append(entry)
     code = _check_exit_code(report)
+    left = runtime.delivery.drain(timeout=CHECK_DELIVERY_WAIT) if settings.sinks else 0
+    if left:
+        print(
+            f"genauth-monitor: {left} alert deliveries still pending; "
+            "they stay queued for the daemon (see 'alerts pending')",
+            file=sys.stderr,
+        )
     if args.json:
-        _print_json({"targets": report, "exit_code": code})
+        _print_json({"targets": report, "alerts_pending": left, "exit_code": code})
     else:
         for entry in report:
             print(_check_line(entry))
@@ -449,6 +469,58 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     report = verify_chain(queries.engine)
     print(report.describe())
     return EXIT_OK if report.intact else EXIT_DRIFT
+
+
+def _outbox(args: argparse.Namespace) -> Outbox:
+    settings = _settings(args)
+    if args.sink is not None and args.sink not in {s.name for s in settings.sinks}:
+        raise UsageError(f"--sink: unknown sink {args.sink!r}")
+    return Outbox(_queries(settings).engine)
+
+
+def _cmd_alerts_pending(args: argparse.Namespace) -> int:
+    rows = _outbox(args).pending(sink=args.sink)
+    if args.json:
+        _print_json(
+            [
+                {
+                    "id": r.id,
+                    "sink": r.sink,
+                    "attempts": r.attempts,
+                    "next_attempt_at": format_time(r.next_attempt_at),
+                    "last_error": r.last_error,
+                    "event": r.event.as_dict(),
+                }
+                for r in rows
+            ]
+        )
+    elif not rows:
+        print("no pending alert deliveries")
+    else:
+        print(
+            _table(
+                [
+                    [
+                        str(r.id),
+                        r.sink,
+                        r.event.target,
+                        r.event.kind,
+                        str(r.attempts),
+                        format_time(r.next_attempt_at) or "-",
+                        r.last_error or "-",
+                    ]
+                    for r in rows
+                ],
+                ["ID", "SINK", "TARGET", "KIND", "ATTEMPTS", "NEXT ATTEMPT", "LAST ERROR"],
+            )
+        )
+    return EXIT_OK
+
+
+def _cmd_alerts_retry(args: argparse.Namespace) -> int:
+    count = _outbox(args).retry_now(utc_now(), sink=args.sink)
+    print(f"{count} pending deliveries are due now; a running daemon sends them within seconds")
+    return EXIT_OK
 
 
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:

@@ -3,7 +3,8 @@
     MonitorError
     ├── ConfigError        bad configuration; carries one line per problem (exit code 2)
     ├── UpstreamError      a failed poll of the GenAuth API, classified by ``reason``
-    └── StorageError       the database is unreachable or refused a write
+    ├── StorageError       the database is unreachable or refused a write
+    └── DeliveryError      an alert sink did not accept a delivery (it will be retried)
 
 Foreign exceptions (requests, SQLAlchemy, pydantic) are translated at the module that talks to
 the foreign library, never leaked upward. No message in this tree ever carries a secret value.
@@ -16,6 +17,7 @@ from typing import Final, Literal
 __all__ = [
     "REASONS",
     "ConfigError",
+    "DeliveryError",
     "MonitorError",
     "Reason",
     "StorageError",
@@ -76,3 +78,8 @@ class UpstreamError(MonitorError):
 
 class StorageError(MonitorError):
     """The database could not be reached or refused the operation."""
+
+
+class DeliveryError(MonitorError):
+    """A sink refused or did not answer; the message never holds the sink URL (it may be a
+    credential, as Slack's are) nor the payload."""

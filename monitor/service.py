@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -24,6 +24,7 @@ from monitor.core import (
     snapshot_events,
     snapshot_hash,
 )
+from monitor.core.alerting import apply_ignore
 from monitor.errors import StorageError, UpstreamError
 from monitor.metrics import Metrics
 from monitor.storage import FailureRecord, Store, TargetState
@@ -87,6 +88,7 @@ class TargetPoller:
         expect: Mapping[str, Any],
         failure_threshold: int,
         clock: Clock,
+        ignore: Sequence[str] = (),
     ) -> None:
         self.name = name
         self._fetcher = fetcher
@@ -94,6 +96,7 @@ class TargetPoller:
         self._metrics = metrics
         self._key = fingerprint_key
         self._expect = dict(expect)
+        self._ignore = tuple(ignore)
         self._threshold = failure_threshold
         self._clock = clock
         self._state: TargetState | None = None
@@ -199,33 +202,20 @@ class TargetPoller:
     def _apply(self, outcome: _Seen | _Failed) -> list[EventDraft]:
         state = self._state or self._store.ensure_target(self.name, now=outcome.at)
         self._state = state
+        events = apply_ignore(self._events_for(state, outcome), self._ignore)
         if isinstance(outcome, _Failed):
-            failures = state.consecutive_failures + 1
-            events = failure_events(
-                target=self.name,
-                failures=failures,
-                threshold=self._threshold,
-                reason=outcome.failure.reason,
-            )
             self._state = self._store.record_failure(
                 state, outcome.failure, now=outcome.at, events_=events
             )
-        else:
-            events = recovery_events(
-                target=self.name,
-                failures_before=state.consecutive_failures,
-                threshold=self._threshold,
+        elif outcome.hash == state.hash:
+            self._state = self._store.record_unchanged(
+                state, now=outcome.at, times=outcome.times, events_=events
             )
-            if outcome.hash == state.hash:
-                self._state = self._store.record_unchanged(
-                    state, now=outcome.at, times=outcome.times, events_=events
-                )
-            else:
-                events += self._snapshot_events(state, outcome)
-                self._state = self._store.record_snapshot(
-                    state, self._new_snapshot(outcome), now=outcome.at, events_=events
-                )
-                self._log_change(state, outcome)
+        else:
+            self._state = self._store.record_snapshot(
+                state, self._new_snapshot(outcome), now=outcome.at, events_=events
+            )
+            self._log_change(state, outcome)
         for event in events:
             self._metrics.count_event(self.name, event.kind)
             log.log(
@@ -235,6 +225,23 @@ class TargetPoller:
             )
         if isinstance(outcome, _Seen):
             self._metrics.set_last_change(self.name, self._state.last_change_at)
+        return events
+
+    def _events_for(self, state: TargetState, outcome: _Seen | _Failed) -> list[EventDraft]:
+        if isinstance(outcome, _Failed):
+            return failure_events(
+                target=self.name,
+                failures=state.consecutive_failures + 1,
+                threshold=self._threshold,
+                reason=outcome.failure.reason,
+            )
+        events = recovery_events(
+            target=self.name,
+            failures_before=state.consecutive_failures,
+            threshold=self._threshold,
+        )
+        if outcome.hash != state.hash:
+            events += self._snapshot_events(state, outcome)
         return events
 
     def _snapshot_events(self, state: TargetState, outcome: _Seen) -> list[EventDraft]:

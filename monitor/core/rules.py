@@ -62,6 +62,7 @@ class EventDraft:
     status: Status
     message: str
     changes: tuple[Change, ...] = field(default=())
+    notify: bool = True  # False: recorded in history, sent to no sink (an ignored path)
 
 
 def path_matches(path: str, patterns: Iterable[str]) -> bool:

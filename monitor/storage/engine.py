@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,14 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from monitor.errors import StorageError
 
-__all__ = ["WRITE", "create_store_engine", "describe_error", "migrations_dir", "upgrade"]
+__all__ = [
+    "WRITE",
+    "connect",
+    "create_store_engine",
+    "describe_error",
+    "migrations_dir",
+    "upgrade",
+]
 
 # Execution option a writer sets so SQLite takes the write lock when its transaction begins;
 # a deferred BEGIN that later upgrades to a write can fail with "database is locked" at once,
@@ -56,6 +65,16 @@ def describe_error(exc: SQLAlchemyError) -> str:
     original = getattr(exc, "orig", None)
     kind = type(original).__name__ if original is not None else type(exc).__name__
     return f"database error ({kind})"
+
+
+@contextmanager
+def connect(engine: Engine) -> Iterator[Connection]:
+    """A connection whose database errors arrive as StorageError with a safe message."""
+    try:
+        with engine.connect() as connection:
+            yield connection
+    except SQLAlchemyError as exc:
+        raise StorageError(describe_error(exc)) from None
 
 
 def migrations_dir() -> Path:

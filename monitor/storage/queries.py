@@ -5,22 +5,28 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, Select, and_, or_, select
 from sqlalchemy.engine import Connection, RowMapping
-from sqlalchemy.exc import SQLAlchemyError
 
-from monitor.errors import StorageError
-from monitor.storage.engine import describe_error
+from monitor.storage.engine import connect
 from monitor.storage.schema import events, poll_state, snapshots, targets
 from monitor.timeutil import format_time, parse_time_strict
 
-__all__ = ["EventView", "Queries", "SnapshotView", "TargetView", "decode_cursor", "encode_cursor"]
+__all__ = [
+    "EventView",
+    "Queries",
+    "SnapshotView",
+    "TargetView",
+    "decode_cursor",
+    "encode_cursor",
+    "event_select",
+    "event_view",
+]
 
 _HEX_PREFIX = re.compile(r"^(?:sha256:)?([0-9a-f]{6,64})$")
 
@@ -226,7 +232,7 @@ class Queries:
         cursor: str | None = None,
     ) -> list[EventView]:
         """Events newest first; pass the last row's cursor to read the next page."""
-        query = select(events, targets.c.name).join(targets, targets.c.id == events.c.target_id)
+        query = event_select()
         if target is not None:
             query = query.where(targets.c.name == target)
         if kinds:
@@ -244,15 +250,10 @@ class Queries:
             )
         query = query.order_by(events.c.at.desc(), events.c.id.desc()).limit(limit)
         with self._connect() as connection:
-            return [_event_view(row._mapping) for row in connection.execute(query)]
+            return [event_view(row._mapping) for row in connection.execute(query)]
 
-    @contextmanager
-    def _connect(self) -> Iterator[Connection]:
-        try:
-            with self.engine.connect() as connection:
-                yield connection
-        except SQLAlchemyError as exc:
-            raise StorageError(describe_error(exc)) from None
+    def _connect(self) -> AbstractContextManager[Connection]:
+        return connect(self.engine)
 
 
 def _snapshot_select() -> Select[Any]:
@@ -274,7 +275,11 @@ def _snapshot_view(m: RowMapping) -> SnapshotView:
     )
 
 
-def _event_view(m: RowMapping) -> EventView:
+def event_select() -> Select[Any]:
+    return select(events, targets.c.name).join(targets, targets.c.id == events.c.target_id)
+
+
+def event_view(m: RowMapping) -> EventView:
     return EventView(
         id=m[events.c.id],
         target=m[targets.c.name],

@@ -148,6 +148,23 @@ events = Table(
     Index(None, "at"),
 )
 
+# One row per (event, sink) to deliver; written in the transaction that wrote the event.
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),
+    Column("event_id", ID, ForeignKey("events.id"), nullable=False),
+    Column("sink", String(128), nullable=False),
+    Column("status", String(16), nullable=False),  # pending | delivered
+    Column("attempts", Integer, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("next_attempt_at", UTCDateTime(), nullable=False),
+    Column("delivered_at", UTCDateTime()),
+    Column("last_error", Text),
+    Index(None, "status", "sink", "id"),
+    Index(None, "event_id"),
+)
+
 # The single row (id = 1) holding the end of the audit chain; locked by every append.
 chain_head = Table(
     "chain_head",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
@@ -15,9 +15,10 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from monitor.core import EventDraft
+from monitor.core.alerting import SinkRoute
 from monitor.errors import StorageError
-from monitor.storage import chain
-from monitor.storage.engine import WRITE, describe_error
+from monitor.storage import chain, outbox
+from monitor.storage.engine import WRITE, connect, describe_error
 from monitor.storage.schema import events, poll_errors, poll_state, snapshots, targets
 
 __all__ = ["FailureRecord", "NewSnapshot", "Store", "TargetState"]
@@ -68,9 +69,18 @@ class NewSnapshot:
 class Store:
     """Writes of the poll path. Every method is one transaction; errors become StorageError."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        routes: Sequence[SinkRoute] = (),
+        on_outbox: Callable[[], None] | None = None,
+    ) -> None:
         self.engine = engine
         self._writer = engine.execution_options(**{WRITE: True})
+        self._routes = tuple(routes)
+        # Called after a commit that queued deliveries, to wake the delivery worker.
+        self._on_outbox = on_outbox
 
     def ping(self) -> bool:
         try:
@@ -198,25 +208,24 @@ class Store:
 
     # -- internals -------------------------------------------------------------------------
 
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        try:
-            with self.engine.connect() as connection:
-                yield connection
-        except SQLAlchemyError as exc:
-            raise StorageError(describe_error(exc)) from None
+    def _read(self) -> AbstractContextManager[Connection]:
+        return connect(self.engine)
 
     def _write(self, work: Callable[[Connection], T]) -> T:
         try:
             with self._writer.connect() as connection:
                 connection.info.pop("chain_head", None)
+                connection.info.pop("outbox", None)
                 with connection.begin():
                     result = work(connection)
                 head = connection.info.pop("chain_head", None)
+                queued = connection.info.pop("outbox", 0)
         except SQLAlchemyError as exc:
             raise StorageError(describe_error(exc)) from None
         if head is not None:
             log.info("audit chain head", extra={"chain_seq": head[0], "chain_hash": head[1]})
+        if queued and self._on_outbox is not None:
+            self._on_outbox()
         return result
 
     def _ensure_target(self, connection: Connection, name: str, now: datetime) -> TargetState:
@@ -310,8 +319,8 @@ class Store:
             )
         )
 
-    @staticmethod
     def _insert_events(
+        self,
         connection: Connection,
         state: TargetState,
         drafts: Sequence[EventDraft],
@@ -337,6 +346,16 @@ class Store:
                 insert(events).values(values).returning(events.c.id)
             ).scalar_one()
             Store._chain(connection, "events", {**values, "id": event_id})
+            if draft.notify and self._routes:
+                queued = outbox.enqueue(
+                    connection,
+                    event_id=event_id,
+                    kind=draft.kind,
+                    severity=draft.severity,
+                    routes=self._routes,
+                    now=now,
+                )
+                connection.info["outbox"] = connection.info.get("outbox", 0) + queued
 
     @staticmethod
     def _chain(connection: Connection, table: str, row: dict[str, Any]) -> None:

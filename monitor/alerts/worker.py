@@ -1,0 +1,184 @@
+"""The delivery worker: sends the outbox, oldest first per sink, with capped backoff.
+
+Rows stay pending until a sink accepts them, so a sink outage, a crash or a restart loses
+nothing (at-least-once: a crash between sending and marking can send one row twice). A sink's
+newer rows wait behind its oldest, so alerts arrive in the order they happened.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from monitor.core.alerting import FAMILIES
+from monitor.errors import DeliveryError, StorageError
+from monitor.metrics import Metrics
+from monitor.storage.outbox import Outbox
+from monitor.storage.queries import EventView
+from monitor.timeutil import Clock
+
+__all__ = ["DeliveryWorker", "Sink", "SinkPolicy", "retry_delay"]
+
+log = logging.getLogger("monitor.alerts")
+
+FIRST_RETRY = 1.0
+SYNC_EVERY = 60.0  # Alertmanager wants firing alerts re-posted every 30 s to 3 min
+
+
+class Sink(Protocol):
+    name: str
+
+    def send(self, event: EventView) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SinkPolicy:
+    sink: Sink
+    max_backoff: float
+    repeat_interval: float | None = None
+
+
+def retry_delay(attempts: int, cap: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with "full jitter" between half and all of the step, capped."""
+    step = min(cap, FIRST_RETRY * 2.0 ** min(attempts - 1, 30))
+    return step * (rng or random).uniform(0.5, 1.0)
+
+
+class DeliveryWorker:
+    def __init__(
+        self,
+        *,
+        outbox: Outbox,
+        policies: Sequence[SinkPolicy],
+        metrics: Metrics,
+        clock: Clock,
+    ) -> None:
+        self._outbox = outbox
+        self._policies = list(policies)
+        self._metrics = metrics
+        self._clock = clock
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_sync: datetime | None = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="delivery", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+
+    def run_once(self) -> int:
+        """One round over all sinks; returns the rows delivered."""
+        now = self._clock()
+        sent = 0
+        for policy in self._policies:
+            sent += self._deliver(policy, now)
+        self._maintain(now)
+        self._metrics.outbox_pending.set(self._outbox.pending_count())
+        return sent
+
+    def drain(self, timeout: float) -> int:
+        """Deliver until nothing is due or ``timeout`` passes (``check``); the rows left."""
+        deadline = self._clock() + timedelta(seconds=timeout)
+        while True:
+            self.run_once()
+            pending = self._outbox.pending_count()
+            due = self._outbox.next_due()
+            if not pending or due is None or due > deadline or self._clock() >= deadline:
+                return pending
+            self._stop.wait(max(0.05, min(1.0, (due - self._clock()).total_seconds())))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+                wait = self._seconds_to_next()
+            except StorageError as exc:
+                log.warning(
+                    "alert delivery paused: database unavailable", extra={"detail": str(exc)}
+                )
+                wait = 5.0
+            except Exception:  # a bug in one sink must not stop delivery for good
+                log.exception("alert delivery round failed")
+                wait = 5.0
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    def _seconds_to_next(self) -> float:
+        due = self._outbox.next_due()
+        horizon = SYNC_EVERY
+        if due is not None:
+            horizon = min(horizon, (due - self._clock()).total_seconds())
+        return max(0.05, min(horizon, 5.0))
+
+    def _deliver(self, policy: SinkPolicy, now: datetime) -> int:
+        sent = 0
+        for row in self._outbox.due(policy.sink.name, now):
+            try:
+                policy.sink.send(row.event)
+            except DeliveryError as exc:
+                delay = retry_delay(row.attempts + 1, policy.max_backoff)
+                self._outbox.failed(row.id, str(exc), now + timedelta(seconds=delay))
+                self._metrics.deliveries.labels(sink=policy.sink.name, outcome="failed").inc()
+                log.warning(
+                    "alert delivery failed; will retry",
+                    extra={
+                        "sink": policy.sink.name,
+                        "event_id": row.event.id,
+                        "attempts": row.attempts + 1,
+                        "detail": str(exc),
+                        "retry_in_s": round(delay, 1),
+                    },
+                )
+                break  # keep this sink's order: newer rows wait behind the failed one
+            self._outbox.delivered(row.id, self._clock())
+            self._metrics.deliveries.labels(sink=policy.sink.name, outcome="sent").inc()
+            log.info(
+                "alert delivered",
+                extra={"sink": policy.sink.name, "event_id": row.event.id, "kind": row.event.kind},
+            )
+            sent += 1
+        return sent
+
+    def _maintain(self, now: datetime) -> None:
+        """Every SYNC_EVERY: re-post firing alerts to Alertmanager sinks, queue repeats."""
+        if self._last_sync is not None and (now - self._last_sync).total_seconds() < SYNC_EVERY:
+            return
+        self._last_sync = now
+        firing = self._outbox.firing(since_one_off=now - timedelta(hours=1))
+        for policy in self._policies:
+            sync = getattr(policy.sink, "sync", None)
+            if sync is not None:
+                try:
+                    sync(firing)
+                except DeliveryError as exc:
+                    self._metrics.deliveries.labels(sink=policy.sink.name, outcome="failed").inc()
+                    log.warning(
+                        "alert re-sync failed", extra={"sink": policy.sink.name, "detail": str(exc)}
+                    )
+            if policy.repeat_interval:
+                self._queue_repeats(policy, firing, now)
+
+    def _queue_repeats(self, policy: SinkPolicy, firing: list[EventView], now: datetime) -> None:
+        assert policy.repeat_interval is not None
+        for event in firing:
+            if event.kind not in FAMILIES or event.severity != "critical":
+                continue
+            last = self._outbox.last_delivery(policy.sink.name, event.id)
+            if last is None or last[0] != "delivered" or last[1] is None:
+                continue  # never routed to this sink, or a delivery still pending
+            if (now - last[1]).total_seconds() >= policy.repeat_interval:
+                self._outbox.requeue(policy.sink.name, event.id, now)

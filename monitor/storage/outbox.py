@@ -1,0 +1,214 @@
+"""The alert outbox: rows to deliver per sink, their attempts, and what is still firing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Engine, and_, func, insert, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
+
+from monitor.core.alerting import FAMILIES, SinkRoute, firing_kind
+from monitor.errors import StorageError
+from monitor.storage.engine import WRITE, connect, describe_error
+from monitor.storage.queries import EventView, event_select, event_view
+from monitor.storage.schema import events, outbox
+
+__all__ = ["Outbox", "PendingDelivery", "enqueue"]
+
+
+@dataclass(frozen=True, slots=True)
+class PendingDelivery:
+    id: int
+    sink: str
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str | None
+    event: EventView
+
+
+def enqueue(
+    connection: Connection,
+    *,
+    event_id: int,
+    kind: str,
+    severity: str,
+    routes: Iterable[SinkRoute],
+    now: datetime,
+) -> int:
+    """Outbox rows for every sink that wants this event, in the caller's transaction."""
+    rows = [
+        {
+            "event_id": event_id,
+            "sink": route.name,
+            "status": "pending",
+            "attempts": 0,
+            "created_at": now,
+            "next_attempt_at": now,
+        }
+        for route in routes
+        if route.accepts(kind, severity)
+    ]
+    if rows:
+        connection.execute(insert(outbox), rows)
+    return len(rows)
+
+
+class Outbox:
+    """Reads and updates of the outbox for the delivery worker and the ``alerts`` commands."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._writer = engine.execution_options(**{WRITE: True})
+
+    def due(self, sink: str, now: datetime, limit: int = 20) -> list[PendingDelivery]:
+        """The oldest pending rows of ``sink`` if its oldest is due (order is kept per sink)."""
+        rows = self._pending(sink=sink, limit=limit)
+        if not rows or rows[0].next_attempt_at > now:
+            return []
+        return rows
+
+    def pending(self, *, sink: str | None = None, limit: int = 1000) -> list[PendingDelivery]:
+        return self._pending(sink=sink, limit=limit)
+
+    def pending_count(self) -> int:
+        with self._connect() as c:
+            count = c.execute(
+                select(func.count()).select_from(outbox).where(outbox.c.status == "pending")
+            ).scalar_one()
+            return int(count)
+
+    def next_due(self) -> datetime | None:
+        with self._connect() as c:
+            value: datetime | None = c.execute(
+                select(func.min(outbox.c.next_attempt_at)).where(outbox.c.status == "pending")
+            ).scalar()
+        return value
+
+    def delivered(self, row_id: int, now: datetime) -> None:
+        self._write(
+            update(outbox)
+            .where(outbox.c.id == row_id)
+            .values(
+                status="delivered",
+                delivered_at=now,
+                attempts=outbox.c.attempts + 1,
+                last_error=None,
+            )
+        )
+
+    def failed(self, row_id: int, error: str, retry_at: datetime) -> None:
+        self._write(
+            update(outbox)
+            .where(outbox.c.id == row_id)
+            .values(
+                attempts=outbox.c.attempts + 1, last_error=error[:500], next_attempt_at=retry_at
+            )
+        )
+
+    def retry_now(self, now: datetime, *, sink: str | None = None) -> int:
+        """Make pending rows due at once (operators, after fixing a sink)."""
+        query = update(outbox).where(outbox.c.status == "pending").values(next_attempt_at=now)
+        if sink is not None:
+            query = query.where(outbox.c.sink == sink)
+        return self._write(query)
+
+    def firing(self, *, since_one_off: datetime) -> list[EventView]:
+        """Alerts in force: per target, the latest event of each family when it is the firing
+        kind, plus one-off notices newer than ``since_one_off``."""
+        kinds = [*FAMILIES, *FAMILIES.values()]
+        latest = (
+            select(func.max(events.c.id).label("id"))
+            .where(events.c.kind.in_(kinds))
+            .group_by(events.c.target_id, events.c.kind)
+        )
+        with self._connect() as c:
+            ids = list(c.execute(latest).scalars())
+            rows = (
+                [
+                    event_view(r._mapping)
+                    for r in c.execute(event_select().where(events.c.id.in_(ids)))
+                ]
+                if ids
+                else []
+            )
+            recent = [
+                event_view(r._mapping)
+                for r in c.execute(
+                    event_select()
+                    .where(and_(events.c.at >= since_one_off, events.c.kind.not_in(kinds)))
+                    .order_by(events.c.id)
+                )
+            ]
+        newest: dict[tuple[str, str], EventView] = {}
+        for row in rows:
+            key = (row.target, firing_kind(row.kind))
+            if key not in newest or row.id > newest[key].id:
+                newest[key] = row
+        firing = [row for row in newest.values() if row.kind in FAMILIES]
+        return sorted(firing, key=lambda r: r.id) + recent
+
+    def last_delivery(self, sink: str, event_id: int) -> tuple[str, datetime | None] | None:
+        with self._connect() as c:
+            row = c.execute(
+                select(outbox.c.status, outbox.c.delivered_at)
+                .where(outbox.c.sink == sink, outbox.c.event_id == event_id)
+                .order_by(outbox.c.id.desc())
+                .limit(1)
+            ).first()
+        return (row.status, row.delivered_at) if row is not None else None
+
+    def requeue(self, sink: str, event_id: int, now: datetime) -> None:
+        self._write(
+            insert(outbox).values(
+                event_id=event_id,
+                sink=sink,
+                status="pending",
+                attempts=0,
+                created_at=now,
+                next_attempt_at=now,
+            )
+        )
+
+    def _pending(self, *, sink: str | None, limit: int) -> list[PendingDelivery]:
+        query = (
+            event_select()
+            .add_columns(
+                outbox.c.id.label("outbox_id"),
+                outbox.c.sink,
+                outbox.c.attempts,
+                outbox.c.next_attempt_at,
+                outbox.c.last_error,
+            )
+            .join(outbox, outbox.c.event_id == events.c.id)
+            .where(outbox.c.status == "pending")
+            .order_by(outbox.c.id)
+            .limit(limit)
+        )
+        if sink is not None:
+            query = query.where(outbox.c.sink == sink)
+        with self._connect() as c:
+            return [
+                PendingDelivery(
+                    id=r.outbox_id,
+                    sink=r.sink,
+                    attempts=r.attempts,
+                    next_attempt_at=r.next_attempt_at,
+                    last_error=r.last_error,
+                    event=event_view(r._mapping),
+                )
+                for r in c.execute(query)
+            ]
+
+    def _connect(self) -> AbstractContextManager[Connection]:
+        return connect(self.engine)
+
+    def _write(self, statement: object) -> int:
+        try:
+            with self._writer.begin() as c:
+                return int(c.execute(statement).rowcount)  # type: ignore[call-overload]
+        except SQLAlchemyError as exc:
+            raise StorageError(describe_error(exc)) from None
