@@ -153,6 +153,11 @@ class DeliveryWorker:
             sent += 1
         return sent
 
+    def sync_now(self) -> None:
+        """Re-post firing alerts and queue repeats now instead of at the next period."""
+        self._last_sync = None
+        self._maintain(self._clock())
+
     def _maintain(self, now: datetime) -> None:
         """Every SYNC_EVERY: re-post firing alerts to Alertmanager sinks, queue repeats."""
         if self._last_sync is not None and (now - self._last_sync).total_seconds() < SYNC_EVERY:

@@ -1,0 +1,249 @@
+"""Alert delivery end to end: outbox rows, real HTTP sinks that fail, backoff, restarts."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from monitor.alerts.slack import slack_message
+from monitor.app import Runtime, build_runtime
+from monitor.config import parse_settings
+from monitor.simulator import SimulatedGenAuth
+from tests.helpers import CLI, run_cli, wait_for, write_config
+from tests.receiver import Receiver
+
+SECRET = "Alert-Access-Secret-123"
+HOOK_SECRET = "Webhook-Signing-Secret-456"
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    made = Receiver()
+    yield made
+    made.stop()
+
+
+def _runtime(
+    db_url: str,
+    sim: SimulatedGenAuth,
+    tmp_path: Path,
+    sinks: list[dict[str, Any]],
+    **target: Any,
+) -> Runtime:
+    settings = parse_settings(
+        {
+            "monitor": {"fingerprint_key_env": "FP", "failure_threshold": 2},
+            "storage": {"url": db_url},
+            "targets": [
+                {
+                    "name": "prod",
+                    "base_url": sim.base_url,
+                    "access_key_id": sim.access_key_id,
+                    "access_key_secret_env": "SECRET",
+                    **target,
+                }
+            ],
+            "sinks": sinks,
+        },
+        base_dir=tmp_path,
+        environ={"FP": "fp-key", "SECRET": SECRET, "HOOK": HOOK_SECRET},
+    )
+    return build_runtime(settings)
+
+
+def _change(sim: SimulatedGenAuth, **fields: Any) -> None:
+    data = sim.data
+    data.update(fields)
+    sim.set_data(data)
+
+
+def test_webhook_keeps_alerts_through_outages_and_signs(
+    db_url: str, tmp_path: Path, receiver: Receiver
+) -> None:
+    with SimulatedGenAuth(access_key_secret=SECRET) as sim:
+        runtime = _runtime(
+            db_url,
+            sim,
+            tmp_path,
+            [
+                {
+                    "type": "webhook",
+                    "url": receiver.url,
+                    "secret_env": "HOOK",
+                    "max_backoff": "0.2s",
+                }
+            ],
+        )
+        poller, worker = runtime.pollers["prod"], runtime.delivery
+        receiver.status = 503
+        poller.poll()
+        assert worker.drain(timeout=0.5) == 1, "kept while the sink answers 503"
+        pending = runtime_pending(runtime)
+        assert pending[0].attempts >= 1 and pending[0].last_error == "HTTP 503"
+
+        receiver.status = 200
+        assert worker.drain(timeout=5) == 0
+        [first] = receiver.bodies()
+        assert first["kind"] == "first_seen" and first["target"] == "prod"
+        assert set(first) == {
+            "id",
+            "target",
+            "kind",
+            "severity",
+            "status",
+            "at",
+            "snapshot",
+            "previous",
+            "changes",
+            "message",
+        }
+        raw = receiver.requests[0]
+        expected = (
+            "sha256=" + hmac.new(HOOK_SECRET.encode(), raw["body"], hashlib.sha256).hexdigest()
+        )
+        assert raw["headers"]["X-GenAuth-Monitor-Signature"] == expected
+
+        receiver.stop()  # connection refused
+        _change(sim, enabled=False)
+        poller.poll()
+        assert worker.drain(timeout=0.5) == 1
+        receiver.start()
+        assert worker.drain(timeout=5) == 0
+        assert [b["kind"] for b in receiver.bodies()] == ["first_seen", "provider_disabled"]
+
+        for _ in range(3):  # the same state again sends nothing new
+            poller.poll()
+        assert worker.drain(timeout=1) == 0
+        assert len(receiver.requests) == 2
+        assert (
+            runtime.metrics.registry.get_sample_value(
+                "genauth_monitor_alert_deliveries_total", {"sink": "webhook", "outcome": "sent"}
+            )
+            == 2
+        )
+        assert runtime.metrics.registry.get_sample_value("genauth_monitor_outbox_pending") == 0
+        all_payloads = b"".join(r["body"] for r in receiver.requests)
+        assert SECRET.encode() not in all_payloads
+        runtime.store.engine.dispose()
+
+
+def runtime_pending(runtime: Runtime) -> Any:
+    from monitor.storage.outbox import Outbox
+
+    return Outbox(runtime.store.engine).pending()
+
+
+def test_filters_and_ignored_paths(tmp_path: Path, receiver: Receiver) -> None:
+    with SimulatedGenAuth(access_key_secret=SECRET) as sim:
+        runtime = _runtime(
+            f"sqlite:///{tmp_path / 'm.db'}",
+            sim,
+            tmp_path,
+            [
+                {
+                    "type": "webhook",
+                    "name": "critical-only",
+                    "url": receiver.url,
+                    "min_severity": "critical",
+                },
+                {
+                    "type": "webhook",
+                    "name": "rotations",
+                    "url": receiver.url,
+                    "kinds": ["secret_rotated"],
+                },
+            ],
+            ignore=["smtpConfig.sender"],
+        )
+        poller = runtime.pollers["prod"]
+        poller.poll()  # first_seen: info, not a rotation -> nobody
+        data = sim.data
+        data["smtpConfig"]["sender"] = "other@example.com"  # ignored path
+        sim.set_data(data)
+        assert [e.kind for e in poller.poll().events] == ["delivery_changed"]
+        data["smtpConfig"]["senderPass"] = "new-password"
+        sim.set_data(data)
+        poller.poll()
+        _change(sim, enabled=False)
+        poller.poll()
+        _change(sim, enabled=True)  # info, but it resolves a critical alert: goes along
+        poller.poll()
+        runtime.delivery.drain(timeout=5)
+        got = sorted((r["path"], json.loads(r["body"])["kind"]) for r in receiver.requests)
+        assert [kind for _, kind in got] == sorted(
+            ["secret_rotated", "provider_disabled", "provider_enabled"]
+        )
+        history = [e.kind for e in runtime.queries.events(target="prod")]
+        assert "delivery_changed" in history, "an ignored change is still recorded"
+        runtime.store.engine.dispose()
+
+
+def test_slack_message_is_readable() -> None:
+    from datetime import UTC, datetime
+
+    from monitor.storage.queries import EventView
+
+    event = EventView(
+        id=1,
+        target="prod",
+        kind="delivery_changed",
+        severity="warning",
+        status="firing",
+        at=datetime(2026, 1, 1, tzinfo=UTC),
+        snapshot="sha256:" + "a" * 64,
+        previous=None,
+        changes=[{"path": "smtpConfig.smtp_host", "old": "a.example", "new": "b.example"}],
+        message="prod: delivery settings changed",
+    )
+    text = slack_message(event)["text"]
+    assert "*WARNING*" in text and "prod" in text
+    assert '`smtpConfig.smtp_host`: `"a.example"` → `"b.example"`' in text
+
+
+def test_pending_delivery_survives_sigkill(tmp_path: Path, receiver: Receiver) -> None:
+    with SimulatedGenAuth(access_key_id="kill-pool", access_key_secret=SECRET) as sim:
+        config = write_config(
+            tmp_path,
+            sim,
+            extra=f'[[sinks]]\ntype = "webhook"\nurl = "{receiver.url}"\nmax_backoff = "1s"\n',
+        )
+        env = {**os.environ, "GM_TEST_SECRET": SECRET, "GM_TEST_API_TOKEN": "t"}
+        receiver.status = 503
+        log = (tmp_path / "d1.log").open("wb")
+        first = subprocess.Popen(
+            [*CLI, "run", "-c", str(config)], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+
+            def pending() -> list[Any]:
+                out = run_cli("alerts", "pending", "-c", str(config), "--json", env=env)
+                return json.loads(out.stdout) if out.returncode == 0 else []
+
+            rows = wait_for(
+                lambda: [r for r in pending() if r["attempts"] >= 1], what="a failed delivery"
+            )
+            assert rows[0]["event"]["kind"] == "first_seen"
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=10)
+        receiver.status = 200
+        second = subprocess.Popen(
+            [*CLI, "run", "-c", str(config)], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            wait_for(lambda: receiver.bodies(), what="delivery after restart")
+            wait_for(lambda: not pending(), what="outbox empty")
+        finally:
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(timeout=15) == 0
+        kinds = [b["kind"] for b in receiver.bodies()]
+        assert kinds == ["first_seen"], kinds
