@@ -27,6 +27,8 @@ __all__ = ["MAX_LIMIT", "create_app"]
 
 MAX_LIMIT = 500
 _SEVERITIES = ("info", "warning", "critical")
+# At module level: FastAPI resolves annotations by name, which a local alias would defeat.
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description=f"rows per page, 1-{MAX_LIMIT}")]
 
 
 class _BadParameter(Exception):
@@ -120,7 +122,6 @@ def create_app(
             raise HTTPException(404, f"unknown target {name!r}")
         return name
 
-    limit_param = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
     v1 = [Depends(require_token)]
 
     @app.get("/api/v1/targets", dependencies=v1)
@@ -132,7 +133,7 @@ def create_app(
         name: str,
         since: str | None = None,
         until: str | None = None,
-        limit: limit_param = 100,
+        limit: Limit = 100,
         cursor: str | None = None,
     ) -> dict[str, Any]:
         rows = queries.snapshots(
@@ -171,7 +172,7 @@ def create_app(
         severity: str | None = None,
         since: str | None = None,
         until: str | None = None,
-        limit: limit_param = 100,
+        limit: Limit = 100,
         cursor: str | None = None,
     ) -> dict[str, Any]:
         if severity is not None and severity not in _SEVERITIES:

@@ -1,0 +1,195 @@
+"""The read-only HTTP API over a real HTTP connection, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from monitor.api import create_app
+from monitor.app import Runtime, build_runtime
+from monitor.config import parse_settings
+from monitor.http_server import HttpServer
+from monitor.simulator import SimulatedGenAuth
+from tests.conftest import FakeClock
+
+TOKEN = "Api-Test-Token-42"
+SECRET = "Api-Access-Secret-43"
+
+
+@dataclass
+class Api:
+    base: str
+    runtime: Runtime
+    sim: SimulatedGenAuth
+    clock: FakeClock
+
+    def get(self, path: str, token: str | None = TOKEN, **params: Any) -> requests.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return requests.get(self.base + path, params=params, headers=headers, timeout=5)
+
+    def poll_with(self, **fields: Any) -> Any:
+        data = self.sim.data
+        for path, value in fields.items():
+            node = data
+            parts = path.split("__")
+            for part in parts[:-1]:
+                node = node[part]
+            node[parts[-1]] = value
+        self.sim.set_data(data)
+        self.clock.advance(60)
+        return self.runtime.pollers["prod"].poll()
+
+
+def _serve(runtime: Runtime, clock: FakeClock, token: str | None) -> HttpServer:
+    app = create_app(
+        registry=runtime.registry,
+        queries=runtime.queries,
+        ready=lambda: (True, {}),
+        api_token=token,
+        clock=clock,
+    )
+    server = HttpServer(app, host="127.0.0.1", port=0)
+    server.start()
+    return server
+
+
+@pytest.fixture
+def api(db_url: str, tmp_path: Path, clock: FakeClock) -> Iterator[Api]:
+    with SimulatedGenAuth(access_key_secret=SECRET) as sim:
+        settings = parse_settings(
+            {
+                "monitor": {"fingerprint_key_env": "FP"},
+                "storage": {"url": db_url},
+                "targets": [
+                    {
+                        "name": "prod",
+                        "base_url": sim.base_url,
+                        "access_key_id": sim.access_key_id,
+                        "access_key_secret_env": "SECRET",
+                    }
+                ],
+            },
+            base_dir=tmp_path,
+            environ={"FP": "k", "SECRET": SECRET},
+        )
+        runtime = build_runtime(settings, clock=clock)
+        server = _serve(runtime, clock, TOKEN)
+        try:
+            yield Api(f"http://127.0.0.1:{server.port}", runtime, sim, clock)
+        finally:
+            server.stop()
+            runtime.store.engine.dispose()
+
+
+def test_token_is_required_and_compared(api: Api) -> None:
+    assert api.get("/api/v1/targets", token=None).status_code == 401
+    wrong = api.get("/api/v1/targets", token="nope")
+    assert wrong.status_code == 401 and "Api-Test" not in wrong.text
+    assert api.get("/api/v1/targets").status_code == 200
+    assert api.get("/metrics", token=None).status_code == 200
+    assert api.get("/healthz", token=None).status_code == 200
+    assert api.get("/readyz", token=None).status_code == 200
+
+
+def test_without_configured_token_the_api_is_closed(api: Api) -> None:
+    server = _serve(api.runtime, api.clock, None)
+    try:
+        answer = requests.get(f"http://127.0.0.1:{server.port}/api/v1/targets", timeout=5)
+        assert answer.status_code == 503
+        assert "api_token_env" in answer.json()["error"]
+    finally:
+        server.stop()
+
+
+def test_targets_snapshots_show_at_and_diff(api: Api) -> None:
+    first = api.poll_with()
+    t_first = api.clock.now
+    moved = api.poll_with(smtpConfig__smtp_host="smtp.other.example")
+    t_moved = api.clock.now
+
+    [target] = api.get("/api/v1/targets").json()["targets"]
+    assert target["name"] == "prod" and target["hash"] == moved.hash
+    assert target["enabled"] is True and target["up"] is True
+
+    snaps = api.get("/api/v1/targets/prod/snapshots").json()["snapshots"]
+    assert [s["hash"] for s in snaps] == [moved.hash, first.hash]
+
+    shown = api.get(f"/api/v1/snapshots/{first.hash}").json()
+    assert shown["document"]["smtpConfig"]["senderPass"].startswith("hmac-sha256:")
+    assert api.get("/api/v1/snapshots/sha256:" + "0" * 64).status_code == 404
+
+    before = api.get("/api/v1/targets/prod/at", time="2000-01-01T00:00:00Z")
+    assert before.status_code == 404
+    at_first = api.get("/api/v1/targets/prod/at", time=t_first.isoformat()).json()
+    assert at_first["hash"] == first.hash
+    between = (t_first + (t_moved - t_first) / 2).isoformat()
+    assert api.get("/api/v1/targets/prod/at", time=between).json()["hash"] == first.hash
+    assert api.get("/api/v1/targets/prod/at", time=t_moved.isoformat()).json()["hash"] == (
+        moved.hash
+    )
+    assert api.get("/api/v1/targets/nope/at", time="1h").status_code == 404
+
+    diffed = api.get("/api/v1/diff", **{"from": first.hash, "to": moved.hash}).json()
+    assert [c["path"] for c in diffed["changes"]] == ["smtpConfig.smtp_host"]
+
+
+def test_bad_parameters_are_named(api: Api) -> None:
+    api.poll_with()
+    for path, params, name in [
+        ("/api/v1/events", {"limit": "0"}, "limit"),
+        ("/api/v1/events", {"limit": "501"}, "limit"),
+        ("/api/v1/events", {"since": "last tuesday"}, "since"),
+        ("/api/v1/events", {"severity": "loud"}, "severity"),
+        ("/api/v1/events", {"cursor": "garbage!"}, "cursor"),
+        ("/api/v1/targets/prod/at", {}, "time"),
+        ("/api/v1/targets/prod/snapshots", {"until": "2026-13-01"}, "until"),
+    ]:
+        answer = api.get(path, **params)
+        assert answer.status_code == 400, (path, params, answer.text)
+        assert name in answer.json()["error"], answer.text
+    assert api.get("/api/v1/events", target="nope").status_code == 404
+    assert api.get("/api/v1/targets/nope/snapshots").status_code == 404
+
+
+def test_event_pagination_is_stable_while_events_arrive(api: Api) -> None:
+    api.poll_with()
+    for port in range(1, 8):
+        api.poll_with(smtpConfig__smtp_port=port)
+    seen: list[int] = []
+    page = api.get("/api/v1/events", limit=3).json()
+    seen += [e["id"] for e in page["events"]]
+    api.poll_with(smtpConfig__smtp_port=999)  # a new event between pages
+    while page["next_cursor"]:
+        page = api.get("/api/v1/events", limit=3, cursor=page["next_cursor"]).json()
+        seen += [e["id"] for e in page["events"]]
+    assert len(seen) == 8 and len(set(seen)) == 8, "no row twice, none skipped"
+    assert seen == sorted(seen, reverse=True)
+    newest = api.get("/api/v1/events", limit=1).json()["events"][0]
+    assert newest["id"] not in seen and newest["changes"][0]["new"] == 999
+
+    kinds = api.get("/api/v1/events", kind="first_seen").json()["events"]
+    assert [e["kind"] for e in kinds] == ["first_seen"]
+    assert api.get("/api/v1/events", severity="critical").json()["events"] == []
+    future = api.get("/api/v1/events", since="2999-01-01T00:00:00Z").json()["events"]
+    assert future == []
+
+
+def test_openapi_schema_lists_the_endpoints(api: Api) -> None:
+    schema = api.get("/openapi.json", token=None).json()
+    for path in [
+        "/api/v1/targets",
+        "/api/v1/targets/{name}/snapshots",
+        "/api/v1/snapshots/{ref}",
+        "/api/v1/targets/{name}/at",
+        "/api/v1/events",
+        "/api/v1/diff",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ]:
+        assert path in schema["paths"], path

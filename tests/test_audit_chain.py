@@ -1,0 +1,127 @@
+"""Tamper evidence: edit, delete, reorder and cut rows directly in the database."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import Engine, text
+
+from monitor.core import EventDraft
+from monitor.storage import Store, create_store_engine, upgrade
+from monitor.storage.chain import verify_chain
+
+T0 = datetime(2026, 5, 1, tzinfo=UTC)
+
+
+def _history(store: Store, target: str, n: int, start: datetime = T0) -> None:
+    state = store.ensure_target(target, now=start)
+    for i in range(n):
+        draft = EventDraft("config_changed", "info", "firing", f"{target}: change {i}")
+        state = store.record_unchanged(state, now=start + timedelta(seconds=i), events_=[draft])
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    made = create_store_engine(db_url)
+    upgrade(made)
+    _history(Store(made), "prod", 6)
+    yield made
+    made.dispose()
+
+
+def _sql(engine: Engine, statement: str) -> None:
+    with engine.begin() as c:
+        c.execute(text(statement))
+
+
+def _ids(engine: Engine) -> list[int]:
+    with engine.connect() as c:
+        return list(c.execute(text("SELECT id FROM events ORDER BY chain_seq")).scalars())
+
+
+def test_intact_chain_verifies(engine: Engine) -> None:
+    report = verify_chain(engine)
+    assert report.intact and report.rows == 6 and len(report.head) == 64
+    assert "6 rows checked" in report.describe()
+
+
+def test_edited_row_is_named(engine: Engine) -> None:
+    third = _ids(engine)[2]
+    _sql(engine, f"UPDATE events SET message = 'nothing happened' WHERE id = {third}")
+    report = verify_chain(engine)
+    assert not report.intact and report.rows == 2
+    assert f"events id={third} " in (report.problem or "")
+
+
+def test_deleted_row_breaks_the_chain_at_the_next(engine: Engine) -> None:
+    ids = _ids(engine)
+    _sql(engine, f"DELETE FROM events WHERE id = {ids[3]}")
+    report = verify_chain(engine)
+    assert not report.intact and report.rows == 3
+    assert f"events id={ids[4]} " in (report.problem or "")
+
+
+def test_reordered_rows_are_found(engine: Engine) -> None:
+    ids = _ids(engine)
+    a, b = ids[1], ids[2]
+    _sql(engine, f"UPDATE events SET chain_seq = -1 WHERE id = {a}")
+    _sql(engine, f"UPDATE events SET chain_seq = 2 WHERE id = {b}")
+    _sql(engine, f"UPDATE events SET chain_seq = 3 WHERE id = {a}")
+    report = verify_chain(engine)
+    assert not report.intact and report.rows == 1
+    assert f"events id={b} " in (report.problem or "")
+
+
+def test_cut_tail_is_found(engine: Engine) -> None:
+    _sql(engine, f"DELETE FROM events WHERE id = {_ids(engine)[-1]}")
+    report = verify_chain(engine)
+    assert not report.intact and "at the end were deleted" in (report.problem or "")
+
+
+def test_racing_writers_keep_one_chain(db_url: str) -> None:
+    engine = create_store_engine(db_url)
+    upgrade(engine)
+    errors: list[BaseException] = []
+
+    def writer(name: str) -> None:
+        try:
+            _history(Store(create_store_engine(db_url)), name, 25)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(f"t{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    report = verify_chain(engine)
+    assert report.intact and report.rows == 100, report.describe()
+    engine.dispose()
+
+
+def test_verify_command_exit_codes(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from tests.helpers import run_cli
+
+    base = Path(str(tmp_path))
+    db = base / "audit.db"
+    engine = create_store_engine(f"sqlite:///{db}")
+    upgrade(engine)
+    _history(Store(engine), "prod", 3)
+    config = base / "c.toml"
+    config.write_text(
+        f'[storage]\nurl = "sqlite:///{db}"\n[[targets]]\nname = "prod"\n'
+        'access_key_id = "x"\naccess_key_secret = "y"\n'
+    )
+    ok = run_cli("verify", "-c", str(config))
+    assert ok.returncode == 0 and "3 rows checked" in ok.stdout, ok.stdout + ok.stderr
+    second = _ids(engine)[1]
+    _sql(engine, f"UPDATE events SET kind = 'first_seen' WHERE id = {second}")
+    bad = run_cli("verify", "-c", str(config))
+    assert bad.returncode == 1 and f"events id={second} " in bad.stdout
+    engine.dispose()
