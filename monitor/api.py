@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from monitor import __version__
 from monitor.core import diff
+from monitor.core.rules import EVENT_KINDS
 from monitor.errors import StorageError
 from monitor.storage import Queries
 from monitor.storage.queries import decode_cursor, encode_cursor
@@ -118,7 +119,8 @@ def create_app(
         return value
 
     def known_target(name: str) -> str:
-        if not queries.target_exists(name):
+        # A NUL byte can never be in a name, and PostgreSQL refuses it as text.
+        if "\x00" in name or not queries.target_exists(name):
             raise HTTPException(404, f"unknown target {name!r}")
         return name
 
@@ -179,9 +181,13 @@ def create_app(
             raise _BadParameter("severity", f"must be one of {', '.join(_SEVERITIES)}")
         if target is not None:
             known_target(target)
+        kinds = tuple(k for k in (kind or "").split(",") if k)
+        unknown = [k for k in kinds if k not in EVENT_KINDS]
+        if unknown:
+            raise _BadParameter("kind", f"unknown event kind {unknown[0]!r}")
         rows = queries.events(
             target=target,
-            kinds=tuple(k for k in (kind or "").split(",") if k),
+            kinds=kinds,
             severity=severity,
             since=when("since", since),
             until=when("until", until),

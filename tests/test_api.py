@@ -148,11 +148,13 @@ def test_bad_parameters_are_named(api: Api) -> None:
         ("/api/v1/events", {"cursor": "garbage!"}, "cursor"),
         ("/api/v1/targets/prod/at", {}, "time"),
         ("/api/v1/targets/prod/snapshots", {"until": "2026-13-01"}, "until"),
+        ("/api/v1/events", {"kind": "first_seen,bogus\x00"}, "kind"),
     ]:
         answer = api.get(path, **params)
         assert answer.status_code == 400, (path, params, answer.text)
         assert name in answer.json()["error"], answer.text
     assert api.get("/api/v1/events", target="nope").status_code == 404
+    assert api.get("/api/v1/events", target="pr\x00od").status_code == 404
     assert api.get("/api/v1/targets/nope/snapshots").status_code == 404
 
 

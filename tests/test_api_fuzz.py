@@ -1,0 +1,34 @@
+"""Schemathesis against /openapi.json of the running API: no generated request gets a 5xx."""
+
+from __future__ import annotations
+
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+
+from tests.test_api import TOKEN, Api, api  # noqa: F401  (the fixture)
+
+
+def test_no_request_from_the_schema_gets_a_server_error(api: Api) -> None:  # noqa: F811
+    api.poll_with()
+    api.poll_with(enabled=False)
+    schema = schemathesis.openapi.from_url(api.base + "/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 9
+    calls = 0
+    for operation in operations:
+
+        @settings(
+            max_examples=25,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(case=operation.as_strategy())
+        def check(case: schemathesis.Case) -> None:
+            nonlocal calls
+            response = case.call(base_url=api.base, headers={"Authorization": f"Bearer {TOKEN}"})
+            calls += 1
+            assert response.status_code < 500, (case.path, case.query, response.text)
+
+        check()
+    assert calls > 50
