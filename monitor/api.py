@@ -7,9 +7,9 @@ the CLI uses as well, so both always answer the same.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,7 +21,7 @@ from monitor.core import diff
 from monitor.core.rules import EVENT_KINDS
 from monitor.errors import StorageError
 from monitor.storage import Queries
-from monitor.storage.queries import decode_cursor, encode_cursor
+from monitor.storage.queries import decode_cursor
 from monitor.timeutil import Clock, parse_time
 
 __all__ = ["MAX_LIMIT", "create_app"]
@@ -30,6 +30,19 @@ MAX_LIMIT = 500
 _SEVERITIES = ("info", "warning", "critical")
 # At module level: FastAPI resolves annotations by name, which a local alias would defeat.
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description=f"rows per page, 1-{MAX_LIMIT}")]
+
+
+class _Row(Protocol):
+    def as_dict(self) -> dict[str, Any]: ...
+    def cursor(self) -> str: ...
+
+
+def _page(key: str, rows: Sequence[_Row], limit: int) -> dict[str, Any]:
+    """One page; a full page carries the cursor of its last row for the next one."""
+    return {
+        key: [row.as_dict() for row in rows],
+        "next_cursor": rows[-1].cursor() if rows and len(rows) == limit else None,
+    }
 
 
 class _BadParameter(Exception):
@@ -145,11 +158,7 @@ def create_app(
             limit=limit,
             cursor=check_cursor(cursor),
         )
-        last = rows[-1] if len(rows) == limit else None
-        return {
-            "snapshots": [row.as_dict() for row in rows],
-            "next_cursor": encode_cursor(last.first_seen_at, last.id) if last else None,
-        }
+        return _page("snapshots", rows, limit)
 
     @app.get("/api/v1/snapshots/{ref}", dependencies=v1)
     def get_snapshot(ref: str) -> dict[str, Any]:
@@ -194,11 +203,7 @@ def create_app(
             limit=limit,
             cursor=check_cursor(cursor),
         )
-        last = rows[-1] if len(rows) == limit else None
-        return {
-            "events": [row.as_dict() for row in rows],
-            "next_cursor": encode_cursor(last.at, last.id) if last else None,
-        }
+        return _page("events", rows, limit)
 
     @app.get("/api/v1/diff", dependencies=v1)
     def diff_snapshots(from_: Annotated[str, Query(alias="from")], to: str) -> dict[str, Any]:

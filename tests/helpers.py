@@ -94,3 +94,35 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     return None
+
+
+def runtime_settings(
+    db_url: str,
+    sim: SimulatedGenAuth,
+    base_dir: Path,
+    *,
+    sinks: list[dict[str, Any]] | None = None,
+    monitor: dict[str, Any] | None = None,
+    **target: Any,
+) -> Any:
+    """Settings for one in-process target 'prod' on the simulator (fingerprint key 'k')."""
+    from monitor.config import parse_settings
+
+    return parse_settings(
+        {
+            "monitor": {"fingerprint_key_env": "FP", **(monitor or {})},
+            "storage": {"url": db_url},
+            "targets": [
+                {
+                    "name": "prod",
+                    "base_url": sim.base_url,
+                    "access_key_id": sim.access_key_id,
+                    "access_key_secret_env": "SECRET",
+                    **target,
+                }
+            ],
+            "sinks": sinks or [],
+        },
+        base_dir=base_dir,
+        environ={"FP": "k", "SECRET": sim.access_key_secret, "HOOK": "Webhook-Signing-Secret-456"},
+    )

@@ -11,10 +11,9 @@ import pytest
 import requests
 
 from monitor.app import build_runtime
-from monitor.config import parse_settings
 from monitor.simulator import SimulatedGenAuth
 from tests.externals import binary
-from tests.helpers import free_port, wait_for
+from tests.helpers import free_port, runtime_settings, wait_for
 
 SECRET = "Am-Access-Secret-321"
 
@@ -79,22 +78,8 @@ def test_disabled_provider_fires_and_resolves(
 ) -> None:
     url = alertmanager.url
     with SimulatedGenAuth(access_key_secret=SECRET) as sim:
-        settings = parse_settings(
-            {
-                "monitor": {"fingerprint_key_env": "FP"},
-                "storage": {"url": db_url},
-                "targets": [
-                    {
-                        "name": "prod",
-                        "base_url": sim.base_url,
-                        "access_key_id": sim.access_key_id,
-                        "access_key_secret_env": "SECRET",
-                    }
-                ],
-                "sinks": [{"type": "alertmanager", "url": url}],
-            },
-            base_dir=tmp_path,
-            environ={"FP": "k", "SECRET": SECRET},
+        settings = runtime_settings(
+            db_url, sim, tmp_path, sinks=[{"type": "alertmanager", "url": url}]
         )
         runtime = build_runtime(settings)
         poller = runtime.pollers["prod"]

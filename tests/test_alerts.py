@@ -16,9 +16,8 @@ import pytest
 
 from monitor.alerts.slack import slack_message
 from monitor.app import Runtime, build_runtime
-from monitor.config import parse_settings
 from monitor.simulator import SimulatedGenAuth
-from tests.helpers import CLI, run_cli, wait_for, write_config
+from tests.helpers import CLI, run_cli, runtime_settings, wait_for, write_config
 from tests.receiver import Receiver
 
 SECRET = "Alert-Access-Secret-123"
@@ -39,23 +38,8 @@ def _runtime(
     sinks: list[dict[str, Any]],
     **target: Any,
 ) -> Runtime:
-    settings = parse_settings(
-        {
-            "monitor": {"fingerprint_key_env": "FP", "failure_threshold": 2},
-            "storage": {"url": db_url},
-            "targets": [
-                {
-                    "name": "prod",
-                    "base_url": sim.base_url,
-                    "access_key_id": sim.access_key_id,
-                    "access_key_secret_env": "SECRET",
-                    **target,
-                }
-            ],
-            "sinks": sinks,
-        },
-        base_dir=tmp_path,
-        environ={"FP": "fp-key", "SECRET": SECRET, "HOOK": HOOK_SECRET},
+    settings = runtime_settings(
+        db_url, sim, tmp_path, sinks=sinks, monitor={"failure_threshold": 2}, **target
     )
     return build_runtime(settings)
 

@@ -12,10 +12,10 @@ import requests
 
 from monitor.api import create_app
 from monitor.app import Runtime, build_runtime
-from monitor.config import parse_settings
 from monitor.http_server import HttpServer
 from monitor.simulator import SimulatedGenAuth
 from tests.conftest import FakeClock
+from tests.helpers import runtime_settings
 
 TOKEN = "Api-Test-Token-42"
 SECRET = "Api-Access-Secret-43"
@@ -61,22 +61,7 @@ def _serve(runtime: Runtime, clock: FakeClock, token: str | None) -> HttpServer:
 @pytest.fixture
 def api(db_url: str, tmp_path: Path, clock: FakeClock) -> Iterator[Api]:
     with SimulatedGenAuth(access_key_secret=SECRET) as sim:
-        settings = parse_settings(
-            {
-                "monitor": {"fingerprint_key_env": "FP"},
-                "storage": {"url": db_url},
-                "targets": [
-                    {
-                        "name": "prod",
-                        "base_url": sim.base_url,
-                        "access_key_id": sim.access_key_id,
-                        "access_key_secret_env": "SECRET",
-                    }
-                ],
-            },
-            base_dir=tmp_path,
-            environ={"FP": "k", "SECRET": SECRET},
-        )
+        settings = runtime_settings(db_url, sim, tmp_path)
         runtime = build_runtime(settings, clock=clock)
         server = _serve(runtime, clock, TOKEN)
         try:

@@ -44,6 +44,9 @@ class SnapshotView:
     last_seen_at: datetime
     seen_count: int
 
+    def cursor(self) -> str:
+        return encode_cursor(self.first_seen_at, self.id)
+
     def as_dict(self, *, with_document: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
             "id": self.id,
@@ -73,6 +76,9 @@ class EventView:
     previous: str | None
     changes: list[dict[str, Any]]
     message: str
+
+    def cursor(self) -> str:
+        return encode_cursor(self.at, self.id)
 
     def as_dict(self) -> dict[str, Any]:
         return {
