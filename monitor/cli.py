@@ -90,6 +90,13 @@ def _parser() -> argparse.ArgumentParser:
     check = command("check", _cmd_check, "poll each target once now and print its state")
     check.add_argument("--target", help="only this target")
     check.add_argument("--json", action="store_true", help="print JSON")
+    check.add_argument(
+        "--delivery-timeout",
+        type=float,
+        default=CHECK_DELIVERY_WAIT,
+        metavar="SECONDS",
+        help="how long to wait for alert deliveries before leaving them queued (default 10)",
+    )
 
     history = command("history", _cmd_history, "recorded events, newest first")
     history.add_argument("--target")
@@ -265,7 +272,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         ]
         report.append(entry)
     code = _check_exit_code(report)
-    left = runtime.delivery.drain(timeout=CHECK_DELIVERY_WAIT) if settings.sinks else 0
+    left = runtime.delivery.drain(timeout=args.delivery_timeout) if settings.sinks else 0
     if left:
         print(
             f"genauth-monitor: {left} alert deliveries still pending; "

@@ -231,3 +231,24 @@ def test_pending_delivery_survives_sigkill(tmp_path: Path, receiver: Receiver) -
             assert second.wait(timeout=15) == 0
         kinds = [b["kind"] for b in receiver.bodies()]
         assert kinds == ["first_seen"], kinds
+
+
+def test_check_delivers_or_says_what_is_left(tmp_path: Path, receiver: Receiver) -> None:
+    with SimulatedGenAuth(access_key_id="check-pool", access_key_secret=SECRET) as sim:
+        config = write_config(
+            tmp_path, sim, extra=f'[[sinks]]\ntype = "webhook"\nurl = "{receiver.url}"\n'
+        )
+        env = {"GM_TEST_SECRET": SECRET, "GM_TEST_API_TOKEN": "t"}
+        receiver.status = 503
+        left = run_cli("check", "-c", str(config), "--delivery-timeout", "1", env=env)
+        assert left.returncode == 0
+        assert "1 alert deliveries still pending" in left.stderr
+        receiver.status = 200
+        data = sim.data
+        data["enabled"] = False
+        sim.set_data(data)
+        sent = run_cli("check", "-c", str(config), "--json", env=env)
+        assert sent.returncode == 1
+        assert json.loads(sent.stdout)["alerts_pending"] == 0
+        assert [b["kind"] for b in receiver.bodies()] == ["first_seen", "provider_disabled"]
+        assert SECRET not in left.stdout + left.stderr + sent.stdout + sent.stderr
