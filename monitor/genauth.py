@@ -29,6 +29,7 @@ import base64
 import binascii
 import email.utils
 import json
+import os
 import re
 import threading
 import time
@@ -112,8 +113,15 @@ class GenAuthClient:
         self._provider_url = base + PROVIDER_PATH
         self._owns_session = session is None
         self._session = requests.Session() if session is None else session
+        if self._owns_session:
+            self._session.trust_env = False
+        # Proxies and the CA bundle come from the environment once, here: with trust_env
+        # requests re-reads the environment and ~/.netrc on every call (a quarter of a poll's
+        # CPU), and a ~/.netrc entry for the API host would replace the bearer token.
+        self._proxies = requests.utils.get_environ_proxies(base)
+        env_ca = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
         self._clock = clock
-        self._verify: bool | str = ca_bundle if ca_bundle else True
+        self._verify: bool | str = ca_bundle or env_ca or True
         self._user_agent = user_agent
         self._token_headers = {"User-Agent": user_agent, "Accept": "application/json"}
         self._lock = threading.Lock()
@@ -317,6 +325,7 @@ class GenAuthClient:
                 json=json_body,
                 timeout=self.timeout,
                 verify=self._verify,
+                proxies=self._proxies,
                 allow_redirects=False,
             )
         except requests.Timeout as exc:

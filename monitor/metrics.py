@@ -10,7 +10,8 @@ from monitor import __version__
 
 __all__ = ["Metrics"]
 
-_POLL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Few buckets: the histogram is per target and dominates a large scrape.
+_POLL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
 class Metrics:

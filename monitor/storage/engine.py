@@ -37,7 +37,10 @@ def create_store_engine(url: str, **kwargs: Any) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False}, **kwargs)
         _tune_sqlite(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    # No pre-ping: it costs a round trip per transaction on the hot path, and a write that
+    # fails on a dropped connection is kept and retried by the poller anyway (the pool
+    # replaces connections after a disconnect error).
+    return create_engine(url, **kwargs)
 
 
 def _tune_sqlite(engine: Engine) -> None:
