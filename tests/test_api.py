@@ -107,6 +107,7 @@ def test_targets_snapshots_show_at_and_diff(api: Api) -> None:
     shown = api.get(f"/api/v1/snapshots/{first.hash}").json()
     assert shown["document"]["smtpConfig"]["senderPass"].startswith("hmac-sha256:")
     assert api.get("/api/v1/snapshots/sha256:" + "0" * 64).status_code == 404
+    assert api.get("/api/v1/snapshots/\u00b2").status_code == 404, "a digit, but not 0-9"
 
     before = api.get("/api/v1/targets/prod/at", time="2000-01-01T00:00:00Z")
     assert before.status_code == 404

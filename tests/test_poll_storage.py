@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from monitor.genauth import GenAuthClient
 from prometheus_client import CollectorRegistry
 from sqlalchemy import create_engine, func, select, text
 
+from monitor.genauth import GenAuthClient
 from monitor.metrics import Metrics
 from monitor.service import TargetPoller
 from monitor.simulator import SimulatedGenAuth

@@ -198,7 +198,7 @@ class Queries:
     def snapshot(self, ref: str) -> SnapshotView | None:
         """A snapshot by numeric id, full hash or unique hash prefix (newest row of that hash)."""
         query = _snapshot_select()
-        if ref.isdigit() and len(ref) < 12:
+        if ref.isascii() and ref.isdigit() and len(ref) < 12:
             query = query.where(snapshots.c.id == int(ref))
         else:
             match = _HEX_PREFIX.match(ref.lower())
