@@ -30,7 +30,7 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, insert, text, update
 from sqlalchemy.engine import make_url
 
-from monitor.core import canonical_json
+from monitor.core import canonical_json, snapshot_hash
 from monitor.storage import Queries, create_store_engine, upgrade
 from monitor.storage.chain import GENESIS, event_content, link, snapshot_content, verify_chain
 from monitor.storage.schema import chain_head, events, poll_state, snapshots, targets
@@ -86,7 +86,7 @@ def generate(engine: Engine, *, n_targets: int, n_snapshots: int, n_events: int)
             row = {
                 "id": s_i,
                 "target_id": rng.randint(1, n_targets),
-                "hash": "sha256:" + f"{s_i:064x}",
+                "hash": snapshot_hash(doc),
                 "document": json.dumps(doc),
                 "enabled": True,
                 "provider_type": "custom",

@@ -81,6 +81,28 @@ def test_cut_tail_is_found(engine: Engine) -> None:
     assert not report.intact and "at the end were deleted" in (report.problem or "")
 
 
+def test_verify_is_consistent_while_the_daemon_writes(engine: Engine) -> None:
+    stop = threading.Event()
+
+    def writer() -> None:
+        store = Store(engine)
+        state = store.ensure_target("busy", now=T0)
+        i = 0
+        while not stop.is_set():
+            i += 1
+            draft = EventDraft("config_changed", "info", "firing", f"busy: {i}")
+            state = store.record_unchanged(state, now=T0 + timedelta(seconds=i), events_=[draft])
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        reports = [verify_chain(engine) for _ in range(8)]
+    finally:
+        stop.set()
+        thread.join()
+    assert all(r.intact for r in reports), [r.describe() for r in reports if not r.intact]
+
+
 def test_racing_writers_keep_one_chain(db_url: str) -> None:
     engine = create_store_engine(db_url)
     upgrade(engine)

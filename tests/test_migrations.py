@@ -9,6 +9,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
 
+from monitor.core import snapshot_hash
 from monitor.storage import create_store_engine, upgrade
 from monitor.storage.chain import verify_chain
 from monitor.storage.engine import alembic_config
@@ -45,7 +46,7 @@ def test_chain_backfill_of_rows_written_before_it(db_url: str) -> None:
                 ),
                 {
                     "i": i + 1,
-                    "h": f"sha256:{i:064d}",
+                    "h": snapshot_hash({"enabled": True, "n": i}),
                     "d": f'{{"enabled": true, "n": {i}}}',
                     "e": True,
                     "dr": False,

@@ -15,7 +15,9 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_is_clean() -> None:
-    result = _run(str(BIN / "ruff"), "check", "monitor", "tests", "bench", "migrations")
+    result = _run(
+        str(BIN / "ruff"), "check", "--no-cache", "monitor", "tests", "bench", "migrations"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import Engine, select, update
 from sqlalchemy.engine import Connection, RowMapping
 
-from monitor.core import canonical_json
+from monitor.core import canonical_json, snapshot_hash
 from monitor.storage.schema import chain_head, events, snapshots
 from monitor.timeutil import format_time
 
@@ -106,43 +106,52 @@ def _rows(connection: Connection, table: Any, name: str) -> Iterator[tuple[int, 
 
 
 def verify_chain(engine: Engine) -> ChainReport:
-    """Walk the chain in order and name the first row that does not match."""
-    with engine.connect() as connection:
-        head = connection.execute(select(chain_head.c.seq, chain_head.c.hash)).one()
-        unchained = [
-            name
-            for table, name in ((snapshots, "snapshots"), (events, "events"))
-            if connection.execute(
-                select(table.c.id).where(table.c.chain_seq.is_(None)).limit(1)
-            ).first()
-        ]
-        if unchained:
-            return ChainReport(False, 0, GENESIS, f"rows outside the chain in {unchained[0]}")
-        previous, expected_seq = GENESIS, 1
-        merged = heapq.merge(
-            _rows(connection, snapshots, "snapshots"),
-            _rows(connection, events, "events"),
-            key=lambda item: item[0],
+    """Walk the chain in order and name the first row that does not match.
+
+    Runs in one read transaction (REPEATABLE READ on PostgreSQL, a WAL read snapshot on
+    SQLite), so rows the daemon appends meanwhile are not mistaken for tampering.
+    """
+    options = {"isolation_level": "REPEATABLE READ"} if engine.dialect.name == "postgresql" else {}
+    with engine.connect().execution_options(**options) as connection, connection.begin():
+        return _walk(connection)
+
+
+def _walk(connection: Connection) -> ChainReport:
+    head = connection.execute(select(chain_head.c.seq, chain_head.c.hash)).one()
+    for table, name in ((snapshots, "snapshots"), (events, "events")):
+        stray = connection.execute(
+            select(table.c.id).where(table.c.chain_seq.is_(None)).limit(1)
+        ).first()
+        if stray is not None:
+            return ChainReport(False, 0, GENESIS, f"{name} id={stray.id} is outside the chain")
+    previous, expected_seq = GENESIS, 1
+    merged = heapq.merge(
+        _rows(connection, snapshots, "snapshots"),
+        _rows(connection, events, "events"),
+        key=lambda item: item[0],
+    )
+    for seq, name, row in merged:
+        problem = _row_problem(previous, expected_seq, seq, name, row)
+        if problem is not None:
+            return ChainReport(False, expected_seq - 1, previous, problem)
+        previous, expected_seq = row["chain_hash"], seq + 1
+    checked = expected_seq - 1
+    if head.seq != checked or head.hash != previous:
+        problem = (
+            f"chain head records {head.seq} rows ending in {head.hash}, found {checked}: "
+            "rows at the end were deleted"
         )
-        for seq, name, row in merged:
-            where = f"{name} id={row['id']} (chain_seq {seq})"
-            if seq != expected_seq:
-                problem = (
-                    f"{where}: expected chain_seq {expected_seq}; "
-                    "a row before it was deleted or renumbered"
-                )
-                return ChainReport(False, expected_seq - 1, previous, problem)
-            content = snapshot_content(row) if name == "snapshots" else event_content(row)
-            digest = link(previous, seq, content)
-            if digest != row["chain_hash"]:
-                problem = f"{where}: content does not match its chain hash (edited or moved)"
-                return ChainReport(False, seq - 1, previous, problem)
-            previous, expected_seq = digest, seq + 1
-        checked = expected_seq - 1
-        if head.seq != checked or head.hash != previous:
-            problem = (
-                f"chain head records {head.seq} rows ending in {head.hash}, found {checked}: "
-                "rows at the end were deleted"
-            )
-            return ChainReport(False, checked, previous, problem)
-        return ChainReport(True, checked, previous)
+        return ChainReport(False, checked, previous, problem)
+    return ChainReport(True, checked, previous)
+
+
+def _row_problem(previous: str, expected: int, seq: int, name: str, row: Any) -> str | None:
+    where = f"{name} id={row['id']} (chain_seq {seq})"
+    if seq != expected:
+        return f"{where}: expected chain_seq {expected}; a row before it was deleted or renumbered"
+    content = snapshot_content(row) if name == "snapshots" else event_content(row)
+    if link(previous, seq, content) != row["chain_hash"]:
+        return f"{where}: content does not match its chain hash (edited or moved)"
+    if name == "snapshots" and snapshot_hash(content["document"]) != row["hash"]:
+        return f"{where}: the document does not hash to the snapshot's hash"
+    return None
