@@ -19,6 +19,7 @@ from monitor.alerts.worker import SinkPolicy
 from monitor.api import create_app
 from monitor.config import Settings, SinkSettings, TargetSettings
 from monitor.core.alerting import SinkRoute
+from monitor.errors import MonitorError
 from monitor.genauth import GenAuthClient
 from monitor.http_server import HttpServer
 from monitor.metrics import Metrics
@@ -42,19 +43,28 @@ def fingerprint_key(settings: Settings) -> bytes:
         return configured.get_secret_value()
     path = _key_file_path(settings)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # another process made it first; read theirs
-        else:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(secrets.token_hex(32) + "\n")
-            log.warning("created a new fingerprint key file", extra={"path": str(path)})
+        _create_key_file(path)
     key = path.read_text().strip().encode()
     if not key:
-        raise RuntimeError(f"fingerprint key file {path} is empty")
+        raise MonitorError(f"fingerprint key file {path} is empty")
     return key
+
+
+def _create_key_file(path: Path) -> None:
+    """Write a random key to a private temp file, then link it into place: a process racing
+    us either wins (and we read its key) or finds the file complete, never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(32) + "\n")
+    try:
+        os.link(temp, path)
+        log.warning("created a new fingerprint key file", extra={"path": str(path)})
+    except FileExistsError:
+        pass
+    finally:
+        temp.unlink()
 
 
 def _key_file_path(settings: Settings) -> Path:
@@ -96,7 +106,13 @@ def _delivery(settings: Settings, engine: Engine, metrics: Metrics, clock: Clock
         SinkPolicy(_sink(sink, session), sink.max_backoff, sink.repeat_interval)
         for sink in settings.sinks
     ]
-    return DeliveryWorker(outbox=Outbox(engine), policies=policies, metrics=metrics, clock=clock)
+    return DeliveryWorker(
+        outbox=Outbox(engine),
+        policies=policies,
+        metrics=metrics,
+        clock=clock,
+        targets=[target.name for target in settings.targets],
+    )
 
 
 def build_runtime(

@@ -344,7 +344,7 @@ class GenAuthClient:
 
     def _decode(self, response: requests.Response, endpoint: str) -> Any:
         try:
-            return json.loads(response.content)
+            return json.loads(response.content, parse_constant=_reject_constant)
         except (ValueError, RecursionError):
             pass
         self._invalid(response, endpoint, f"body is not JSON ({_describe_body(response)})")
@@ -448,6 +448,12 @@ def _describe_body(response: requests.Response) -> str:
     ctype = (response.headers.get("Content-Type") or "").split(";", 1)[0].strip()
     ctype = _CONTROL.sub("", ctype)[:60] or "no content type"
     return f"{ctype}, {len(response.content)} bytes"
+
+
+def _reject_constant(name: str) -> Any:
+    # Python's parser accepts NaN and Infinity; JSON has no such numbers, and a document
+    # holding them could neither be hashed canonically nor served back as JSON.
+    raise ValueError(f"{name} is not JSON")
 
 
 def _small_json_object(response: requests.Response) -> dict[str, Any] | None:

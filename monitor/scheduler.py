@@ -69,8 +69,11 @@ class _Job:
             cap=self._cap,
             retry_after=retry_after,
         )
-        # The job fires every interval; anything shorter than one is already respected.
-        self._not_before = self._monotonic() + delay - self._target.interval * 0.5
+        # The job fires every interval, so the gate opens half an interval early to catch the
+        # run at ``delay``; the upstream's Retry-After is never cut short.
+        self._not_before = self._monotonic() + max(
+            delay - self._target.interval * 0.5, retry_after or 0.0
+        )
 
 
 class PollScheduler:
@@ -115,5 +118,6 @@ class PollScheduler:
     def shutdown(self) -> None:
         if self._scheduler.running:
             # Do not wait for a poll in flight: it ends by its own HTTP timeout and its outcome
-            # is written (or kept for the next start) like any other.
+            # is written like any other (an outcome the database refused is lost with the
+            # process; the next start polls again).
             self._scheduler.shutdown(wait=False)

@@ -165,7 +165,7 @@ class TargetPoller:
             api_code=error.api_code,
             request_id=error.request_id,
         )
-        self._pending.append(_Failed(now, failure))
+        self._queue(_Failed(now, failure))
         events, stored = self._flush()
         self._metrics.observe_poll(self.name, error.reason, time.perf_counter() - started)
         return PollResult(
@@ -182,7 +182,15 @@ class TargetPoller:
         if isinstance(last, _Seen) and last.hash == seen.hash:
             last.at, last.times = seen.at, last.times + 1
         else:
-            self._pending.append(seen)
+            self._queue(seen)
+
+    def _queue(self, outcome: _Seen | _Failed) -> None:
+        if len(self._pending) == MAX_PENDING:
+            log.error(
+                "database unavailable for too long; dropping the oldest unwritten poll",
+                extra={"target": self.name, "pending": len(self._pending)},
+            )
+        self._pending.append(outcome)
 
     def _flush(self) -> tuple[list[EventDraft], bool]:
         """Write queued outcomes in order; stop at the first database failure."""

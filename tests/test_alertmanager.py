@@ -65,12 +65,10 @@ def alertmanager(tmp_path: Path) -> Iterator[Alertmanager]:
         am.stop()
 
 
-def _alerts(url: str) -> list[dict[str, Any]]:
+def _alerts(url: str, name: str = "GenAuthEmailProviderDisabled") -> list[dict[str, Any]]:
     answer = requests.get(f"{url}/api/v2/alerts", timeout=2)
     answer.raise_for_status()
-    return [
-        a for a in answer.json() if a["labels"].get("alertname") == "GenAuthEmailProviderDisabled"
-    ]
+    return [a for a in answer.json() if a["labels"].get("alertname") == name]
 
 
 def test_disabled_provider_fires_and_resolves(
@@ -79,7 +77,10 @@ def test_disabled_provider_fires_and_resolves(
     url = alertmanager.url
     with SimulatedGenAuth(access_key_secret=SECRET) as sim:
         settings = runtime_settings(
-            db_url, sim, tmp_path, sinks=[{"type": "alertmanager", "url": url}]
+            db_url,
+            sim,
+            tmp_path,
+            sinks=[{"type": "alertmanager", "url": url, "min_severity": "warning"}],
         )
         runtime = build_runtime(settings)
         poller = runtime.pollers["prod"]
@@ -106,6 +107,7 @@ def test_disabled_provider_fires_and_resolves(
         assert _alerts(url) == []
         runtime.delivery.sync_now()  # ... and the periodic re-post brings it back
         wait_for(lambda: _alerts(url), what="alert re-posted after restart")
+        assert _alerts(url, "GenAuthEmailProviderFirstSeen") == [], "the re-post keeps filters"
 
         data["enabled"] = True
         sim.set_data(data)

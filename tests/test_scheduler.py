@@ -53,6 +53,23 @@ def test_job_skips_runs_inside_the_backoff_window() -> None:
     assert fired == [0, 10, 30, 70, 80, 90]
 
 
+def test_job_never_cuts_retry_after_short() -> None:
+    now = [0.0]
+    error = UpstreamError("http_status", "HTTP 429", http_status=429, retry_after=25)
+    poller = _Poller(
+        [PollResult("p", False, error=error, failures_in_a_row=1)] + [PollResult("p", True)] * 5
+    )
+    job = _Job(ScheduledTarget(poller, 10, 0), 1000, lambda: now[0])  # type: ignore[arg-type]
+    fired = []
+    for tick in range(0, 60, 10):
+        now[0] = tick
+        before = poller.calls
+        job()
+        if poller.calls > before:
+            fired.append(tick)
+    assert fired == [0, 30, 40, 50]
+
+
 class _Counting:
     """Wraps the real client to see whether two polls of one target ever overlap."""
 

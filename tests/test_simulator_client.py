@@ -477,3 +477,12 @@ def test_plain_session_sees_the_api_shape(sim: SimulatedGenAuth) -> None:
         )
         assert expired.status_code == 401
         assert expired.json()["message"] == "token expired"
+
+
+def test_nan_is_not_json(sim: SimulatedGenAuth, make_client: ClientFactory) -> None:
+    data = sim.data
+    data["smtpConfig"]["smtp_port"] = float("nan")
+    sim.set_data(data)
+    with pytest.raises(UpstreamError) as caught:
+        make_client().fetch_email_provider()
+    assert caught.value.reason == "invalid_response"

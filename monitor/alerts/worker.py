@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -57,9 +57,12 @@ class DeliveryWorker:
         policies: Sequence[SinkPolicy],
         metrics: Metrics,
         clock: Clock,
+        targets: Collection[str] = (),
     ) -> None:
         self._outbox = outbox
         self._policies = list(policies)
+        self._sinks = [policy.sink.name for policy in policies]
+        self._targets = set(targets)
         self._metrics = metrics
         self._clock = clock
         self._wake = threading.Event()
@@ -87,7 +90,7 @@ class DeliveryWorker:
         for policy in self._policies:
             sent += self._deliver(policy, now)
         self._maintain(now)
-        self._metrics.outbox_pending.set(self._outbox.pending_count())
+        self._metrics.outbox_pending.set(self._outbox.pending_count(self._sinks))
         return sent
 
     def drain(self, timeout: float) -> int:
@@ -95,8 +98,8 @@ class DeliveryWorker:
         deadline = self._clock() + timedelta(seconds=timeout)
         while True:
             self.run_once()
-            pending = self._outbox.pending_count()
-            due = self._outbox.next_due()
+            pending = self._outbox.pending_count(self._sinks)
+            due = self._outbox.next_due(self._sinks)
             if not pending or due is None or due > deadline or self._clock() >= deadline:
                 return pending
             self._stop.wait(max(0.05, min(1.0, (due - self._clock()).total_seconds())))
@@ -118,7 +121,7 @@ class DeliveryWorker:
             self._wake.clear()
 
     def _seconds_to_next(self) -> float:
-        due = self._outbox.next_due()
+        due = self._outbox.next_due(self._sinks)
         horizon = SYNC_EVERY
         if due is not None:
             horizon = min(horizon, (due - self._clock()).total_seconds())
@@ -163,19 +166,26 @@ class DeliveryWorker:
         if self._last_sync is not None and (now - self._last_sync).total_seconds() < SYNC_EVERY:
             return
         self._last_sync = now
-        firing = self._outbox.firing(since_one_off=now - timedelta(hours=1))
+        firing = [
+            event
+            for event in self._outbox.firing(since_one_off=now - timedelta(hours=1))
+            if event.target in self._targets
+        ]
         for policy in self._policies:
+            # Only what this sink was sent: its filters and the targets' ignored paths hold.
+            routed = self._outbox.routed(policy.sink.name, [event.id for event in firing])
+            mine = [event for event in firing if event.id in routed]
             sync = getattr(policy.sink, "sync", None)
             if sync is not None:
                 try:
-                    sync(firing)
+                    sync(mine)
                 except DeliveryError as exc:
                     self._metrics.deliveries.labels(sink=policy.sink.name, outcome="failed").inc()
                     log.warning(
                         "alert re-sync failed", extra={"sink": policy.sink.name, "detail": str(exc)}
                     )
             if policy.repeat_interval:
-                self._queue_repeats(policy, firing, now)
+                self._queue_repeats(policy, mine, now)
 
     def _queue_repeats(self, policy: SinkPolicy, firing: list[EventView], now: datetime) -> None:
         assert policy.repeat_interval is not None

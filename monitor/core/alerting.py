@@ -66,10 +66,11 @@ class SinkRoute:
     kinds: tuple[str, ...] = ()
 
     def accepts(self, kind: str, severity: str) -> bool:
-        if self.kinds and kind not in self.kinds:
+        # A resolution goes wherever its alert went, even to sinks that list only the alert
+        # kind or whose minimum severity is above "info".
+        if self.kinds and kind not in self.kinds and firing_kind(kind) not in self.kinds:
             return False
         if kind in RESOLVES:
-            # A resolution goes wherever its alert went, even when it is only "info".
             severity = FAMILY_SEVERITY[RESOLVES[kind]]
         return SEVERITY_RANK[severity] >= SEVERITY_RANK[self.min_severity]
 

@@ -20,10 +20,9 @@ HASH_PREFIX = "sha256:"
 def canonical_json(document: Any) -> bytes:
     """The RFC 8785 serialisation of ``document``.
 
-    JCS knows only what I-JSON can carry. Upstream JSON outside it (integers beyond 2**53,
-    NaN or infinities, which Python's parser accepts) is mapped the way a JavaScript consumer
-    would see it instead of failing the poll: big integers become doubles, non-finite numbers
-    their names as strings.
+    JCS knows only what I-JSON can carry. An integer beyond 2**53 is hashed as the double a
+    JavaScript consumer would read (the stored document keeps the integer); a non-finite
+    float, which the GenAuth client already refuses, is hashed as its Python name.
     """
     try:
         return bytes(rfc8785.dumps(document))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -74,19 +74,38 @@ class Outbox:
     def pending(self, *, sink: str | None = None, limit: int = 1000) -> list[PendingDelivery]:
         return self._pending(sink=sink, limit=limit)
 
-    def pending_count(self) -> int:
+    def pending_count(self, sinks: Collection[str]) -> int:
+        """Rows still to deliver to these sinks (rows of a sink no longer configured wait
+        for it to come back and are not counted)."""
         with self._connect() as c:
             count = c.execute(
-                select(func.count()).select_from(outbox).where(outbox.c.status == "pending")
+                select(func.count())
+                .select_from(outbox)
+                .where(outbox.c.status == "pending", outbox.c.sink.in_(list(sinks)))
             ).scalar_one()
             return int(count)
 
-    def next_due(self) -> datetime | None:
+    def next_due(self, sinks: Collection[str]) -> datetime | None:
         with self._connect() as c:
             value: datetime | None = c.execute(
-                select(func.min(outbox.c.next_attempt_at)).where(outbox.c.status == "pending")
+                select(func.min(outbox.c.next_attempt_at)).where(
+                    outbox.c.status == "pending", outbox.c.sink.in_(list(sinks))
+                )
             ).scalar()
         return value
+
+    def routed(self, sink: str, event_ids: Collection[int]) -> set[int]:
+        """Which of these events were ever queued for ``sink``."""
+        if not event_ids:
+            return set()
+        with self._connect() as c:
+            return set(
+                c.execute(
+                    select(outbox.c.event_id).where(
+                        outbox.c.sink == sink, outbox.c.event_id.in_(list(event_ids))
+                    )
+                ).scalars()
+            )
 
     def delivered(self, row_id: int, now: datetime) -> None:
         self._write(
