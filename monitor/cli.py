@@ -166,9 +166,11 @@ def _no_subcommand(args: argparse.Namespace) -> int:
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def _settings(args: argparse.Namespace, *, read_only: bool = False) -> Settings:
+    """The configuration; ``read_only`` commands need the database only, so credentials are
+    not read (an auditor can run them without the upstream's secrets)."""
     path = args.config or default_config_path(None)
-    settings = load_settings(path)
+    settings = load_settings(path, resolve_secrets=not read_only)
     if args.log_level is None:
         logging.getLogger().setLevel(settings.monitor.log_level.upper())
     return settings
@@ -317,7 +319,7 @@ def _check_line(entry: dict[str, Any]) -> str:
 
 
 def _cmd_history(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = _settings(args, read_only=True)
     queries = _queries(settings)
     _known_target(settings, queries, args.target)
     kinds = tuple(k for value in args.kind or () for k in value.split(",") if k)
@@ -369,7 +371,7 @@ def _print_events(rows: list[EventView], fmt: str) -> None:
 
 
 def _cmd_snapshots(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = _settings(args, read_only=True)
     queries = _queries(settings)
     _known_target(settings, queries, args.target)
     rows = queries.snapshots(target=args.target, limit=_limit(args.limit))
@@ -425,7 +427,7 @@ class _Unknown(MonitorError):
 
 def _cmd_show(args: argparse.Namespace) -> int:
     try:
-        snap = _lookup(_queries(_settings(args)), args.ref)
+        snap = _lookup(_queries(_settings(args, read_only=True)), args.ref)
     except _Unknown as exc:
         print(f"genauth-monitor: {exc}", file=sys.stderr)
         return EXIT_UNKNOWN
@@ -434,7 +436,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
-    queries = _queries(_settings(args))
+    queries = _queries(_settings(args, read_only=True))
     try:
         old, new = _lookup(queries, args.a), _lookup(queries, args.b)
     except _Unknown as exc:
@@ -454,7 +456,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _cmd_at(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = _settings(args, read_only=True)
     queries = _queries(settings)
     _known_target(settings, queries, args.target)
     when = _time_arg("TIME", args.time)
@@ -477,7 +479,7 @@ def _cmd_at(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from monitor.storage.chain import verify_chain
 
-    settings = _settings(args)
+    settings = _settings(args, read_only=True)
     queries = _queries(settings)
     report = verify_chain(queries.engine)
     print(report.describe())
@@ -485,7 +487,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _outbox(args: argparse.Namespace) -> Outbox:
-    settings = _settings(args)
+    settings = _settings(args, read_only=True)
     if args.sink is not None and args.sink not in {s.name for s in settings.sinks}:
         raise UsageError(f"--sink: unknown sink {args.sink!r}")
     return Outbox(_queries(settings).engine)
@@ -537,7 +539,7 @@ def _cmd_alerts_retry(args: argparse.Namespace) -> int:
 
 
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = _settings(args, read_only=True)
     upgrade(create_store_engine(settings.storage.url))
     print(f"database at {settings.storage.display_url} is at the newest schema")
     return EXIT_OK

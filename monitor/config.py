@@ -149,6 +149,9 @@ class _Context:
     base_dir: Path
     from_file: bool  # validating a config file, not settings built in code
     source: Path | None = None
+    # False for read-only commands (history, show, verify, ...): an auditor needs the
+    # database, not the upstream or sink credentials, so those are not read at all.
+    resolve_secrets: bool = True
 
     def path(self, value: str | os.PathLike[str]) -> Path:
         return self.base_dir / value
@@ -246,6 +249,8 @@ class _Source:
     required: bool = False
     inline: bool = True  # may the config file hold the value itself?
     binary: bool = False
+    placeholder: str = "(not read)"  # stands in for the value when secrets are not resolved
+    always: bool = False  # resolved even for read-only commands (the database URL)
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -262,6 +267,11 @@ class _Source:
             found.problem(key, f"give only one of {choices}, not {_all(given)}", supersedes=key)
         elif not given and self.required:
             found.problem(key, f"required key is missing (set {choices})", supersedes=key)
+        elif given and not ctx.resolve_secrets and not self.always:
+            data[self.key] = self.placeholder.encode() if self.binary else self.placeholder
+            for name in self.keys:
+                if name != self.key:
+                    data.pop(name, None)
         elif given and given[0] != key:
             self._fetch(given[0], data, ctx, found)
         # otherwise absent and optional, or given inline: the field itself validates it
@@ -463,7 +473,7 @@ class MonitorSettings(_Model):
 class StorageSettings(_Model):
     """``[storage]``: the database. A relative SQLite path is relative to the config file."""
 
-    _sources = (_Source("url"),)
+    _sources = (_Source("url", always=True),)
 
     url: str = Field(default=DEFAULT_DATABASE_URL, validate_default=True, repr=False)
     url_env: EnvName | None = None
@@ -614,7 +624,10 @@ class TargetSettings(_Model):
 class SinkSettings(_Model):
     """``[[sinks]]``: where alerts go. The URL may be secret (Slack), so it is never printed."""
 
-    _sources = (_Source("url", required=True), _Source("secret"))
+    _sources = (
+        _Source("url", required=True, placeholder="https://not-read.invalid/"),
+        _Source("secret"),
+    )
 
     type: Literal["webhook", "alertmanager", "slack"]
     name: Name
@@ -746,13 +759,19 @@ def parse_settings(
     base_dir: Path,
     environ: Mapping[str, str] | None = None,
     source: Path | None = None,
+    resolve_secrets: bool = True,
 ) -> Settings:
-    """Validate a parsed config document; relative paths are taken from ``base_dir``."""
+    """Validate a parsed config document; relative paths are taken from ``base_dir``.
+
+    With ``resolve_secrets=False`` (read-only commands) credentials are neither read nor
+    required to be readable; their fields hold placeholders.
+    """
     ctx = _Context(
         environ=os.environ if environ is None else environ,
         base_dir=base_dir.absolute(),
         from_file=True,
         source=source,
+        resolve_secrets=resolve_secrets,
     )
     try:
         return Settings.model_validate(raw, context=ctx)
@@ -762,7 +781,9 @@ def parse_settings(
     raise ConfigError([f"{_key_path(tuple(e['loc']))}: {_message(e)}" for e in errors])
 
 
-def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Settings:
+def load_settings(
+    path: Path, environ: Mapping[str, str] | None = None, *, resolve_secrets: bool = True
+) -> Settings:
     """Read and validate the TOML file at ``path`` (``environ`` defaults to ``os.environ``)."""
     try:
         with path.open("rb") as file:
@@ -774,7 +795,11 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Setti
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: invalid TOML: the file is not UTF-8 text"]) from None
     return parse_settings(
-        raw, base_dir=path.absolute().parent, environ=environ, source=path.absolute()
+        raw,
+        base_dir=path.absolute().parent,
+        environ=environ,
+        source=path.absolute(),
+        resolve_secrets=resolve_secrets,
     )
 
 

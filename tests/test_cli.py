@@ -159,3 +159,19 @@ def test_history_and_audit_commands(
     verify = run_cli("verify", *c, env=env)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "4 rows" in verify.stdout
+
+
+def test_read_only_commands_need_no_credentials(
+    tmp_path: Path, sim: SimulatedGenAuth, env: dict[str, str]
+) -> None:
+    config = write_config(
+        tmp_path, sim, extra='[[sinks]]\ntype = "slack"\nurl_env = "GM_TEST_SLACK_URL"\n'
+    )
+    c = ["-c", str(config)]
+    full = {**env, "GM_TEST_SLACK_URL": "https://hooks.slack.invalid/T/B/X"}
+    assert run_cli("check", *c, "--delivery-timeout", "0", env=full).returncode == 0
+    bare = {"GM_TEST_SECRET": "", "GM_TEST_API_TOKEN": "", "GM_TEST_SLACK_URL": ""}
+    for args in (["history"], ["snapshots"], ["verify"], ["alerts", "pending"], ["db", "upgrade"]):
+        result = run_cli(*args, *c, env=bare)
+        assert result.returncode == 0, (args, result.stderr)
+    assert run_cli("check", *c, env=bare).returncode == 2, "polling does need them"
