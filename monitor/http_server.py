@@ -9,6 +9,8 @@ import time
 import uvicorn
 from fastapi import FastAPI
 
+from monitor.errors import MonitorError
+
 __all__ = ["HttpServer"]
 
 
@@ -23,7 +25,7 @@ class HttpServer:
             self._socket.bind((host, port))
         except OSError as exc:
             self._socket.close()
-            raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            raise MonitorError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
         self.port = self._socket.getsockname()[1]
         config = uvicorn.Config(
             app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=2

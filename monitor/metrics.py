@@ -7,6 +7,7 @@ from datetime import datetime
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from monitor import __version__
+from monitor.core.rules import EVENT_KINDS
 
 __all__ = ["Metrics"]
 
@@ -93,6 +94,17 @@ class Metrics:
         )
         self.build_info.labels(version=__version__).set(1)
         self._info_labels: dict[str, tuple[str, str]] = {}
+
+    def declare_target(self, target: str) -> None:
+        """Create the target's counters at 0, so ``increase()`` sees the first change after a
+        restart (a series that appears at 1 has no increase for Prometheus)."""
+        for kind in EVENT_KINDS:
+            self.changes.labels(target=target, kind=kind)
+        self.polls.labels(target=target, outcome="success")
+
+    def declare_sink(self, sink: str) -> None:
+        for outcome in ("sent", "failed"):
+            self.deliveries.labels(sink=sink, outcome=outcome)
 
     def set_config(
         self, target: str, *, enabled: bool, provider_type: str | None, hash_: str, drift: bool

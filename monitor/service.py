@@ -105,6 +105,7 @@ class TargetPoller:
 
     def restore(self, state: TargetState) -> None:
         """Start from a state read at start-up, and show it in the gauges before any poll."""
+        self._metrics.declare_target(self.name)
         self._state = state
         self.failures_in_a_row = state.consecutive_failures
         if state.hash is not None and state.enabled is not None:

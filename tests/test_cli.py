@@ -175,3 +175,18 @@ def test_read_only_commands_need_no_credentials(
         result = run_cli(*args, *c, env=bare)
         assert result.returncode == 0, (args, result.stderr)
     assert run_cli("check", *c, env=bare).returncode == 2, "polling does need them"
+
+
+def test_taken_port_is_one_clear_line(
+    tmp_path: Path, sim: SimulatedGenAuth, env: dict[str, str]
+) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = write_config(tmp_path, sim, port=taken.getsockname()[1])
+        result = run_cli("run", "-c", str(config), env=env, timeout=30)
+    assert result.returncode == 1
+    assert "cannot listen on 127.0.0.1:" in result.stderr
+    assert "Traceback" not in result.stderr

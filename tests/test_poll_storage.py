@@ -223,6 +223,9 @@ def test_state_and_gauges_come_back_after_restart(rig: Rig) -> None:
     assert fresh.sample("genauth_email_provider_last_change_timestamp_seconds") == (
         rig.clock.now.timestamp()
     )
+    assert fresh.sample("genauth_email_provider_changes_total", kind="type_changed") == 0, (
+        "counters start at 0 so Prometheus' increase() sees the first change after a restart"
+    )
     again = fresh.poll()
     assert again.events == [], "the restarted monitor does not re-announce the same state"
     fresh.engine.dispose()

@@ -62,6 +62,8 @@ class DeliveryWorker:
         self._outbox = outbox
         self._policies = list(policies)
         self._sinks = [policy.sink.name for policy in policies]
+        for name in self._sinks:
+            metrics.declare_sink(name)
         self._targets = set(targets)
         self._metrics = metrics
         self._clock = clock
