@@ -233,3 +233,19 @@ def test_path_matches_wildcards() -> None:
     assert path_matches("smtpConfig.sender", ["smtpConfig.*"])
     assert not path_matches("smtpConfig.sender", ["smtpConfig"])
     assert not path_matches("smtpConfig.smtp_host", ["*.sender"])
+
+
+@given(json_docs)
+def test_same_document_is_equality_with_types(doc: Any) -> None:
+    import copy
+
+    from monitor.core import same_document
+
+    try:
+        json.dumps(doc, allow_nan=False)
+    except ValueError:
+        return  # NaN is equal to nothing; the GenAuth client refuses it anyway
+    assert same_document(doc, copy.deepcopy(doc))
+    assert not same_document({"a": 1}, {"a": True})
+    assert not same_document([0], [False])
+    assert not same_document({"a": 1}, {"a": 1, "b": None})

@@ -288,3 +288,12 @@ def test_database_outage_loses_nothing(
     assert rig.count(snapshots) == 3
     rig.engine.dispose()
     admin.dispose()
+
+
+def test_a_number_turning_into_a_bool_is_a_change(rig: Rig) -> None:
+    _set(rig.sim, "futureField", 1)
+    one = rig.poll()
+    _set(rig.sim, "futureField", True)  # equal to 1 in Python, a different JSON document
+    changed = rig.poll()
+    assert changed.hash != one.hash
+    assert [e.kind for e in changed.events] == ["config_changed"]

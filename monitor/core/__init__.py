@@ -7,7 +7,7 @@ arguments (including keys and times) so it can be tested exhaustively.
 from __future__ import annotations
 
 from monitor.core.canonical import canonical_json, snapshot_hash
-from monitor.core.diff import Change, diff, flatten, get_path
+from monitor.core.diff import Change, diff, flatten, get_path, same_document
 from monitor.core.redact import FINGERPRINT_PREFIX, fingerprint, is_secret_key, redact
 from monitor.core.rules import (
     EventDraft,
@@ -33,6 +33,7 @@ __all__ = [
     "path_matches",
     "recovery_events",
     "redact",
+    "same_document",
     "snapshot_events",
     "snapshot_hash",
 ]

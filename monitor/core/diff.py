@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MISSING", "Change", "diff", "flatten", "get_path", "same_value"]
+__all__ = ["MISSING", "Change", "diff", "flatten", "get_path", "same_document", "same_value"]
 
 
 class _Missing:
@@ -69,4 +69,15 @@ def same_value(a: Any, b: Any) -> bool:
     """Equality of two leaves in which a bool never equals a number."""
     if isinstance(a, bool) or isinstance(b, bool):
         return type(a) is type(b) and a == b
+    return bool(a == b)
+
+
+def same_document(a: Any, b: Any) -> bool:
+    """Whether two parsed JSON documents are identical, types included (``1 != true``)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_document(v, b[k]) for k, v in a.items())
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(same_document, a, b))
     return bool(a == b)
