@@ -19,7 +19,7 @@ from typing import Any
 from monitor import __version__
 from monitor.config import Settings, default_config_path, load_settings, summary
 from monitor.core import diff
-from monitor.errors import ConfigError, MonitorError
+from monitor.errors import ConfigError, MonitorError, StorageError
 from monitor.logs import setup_logging
 from monitor.storage import Queries, create_store_engine, upgrade
 from monitor.storage.outbox import Outbox
@@ -29,6 +29,7 @@ from monitor.timeutil import format_time, parse_time, utc_now
 __all__ = ["main"]
 
 EXIT_OK, EXIT_DRIFT, EXIT_USAGE, EXIT_POLL_FAILED, EXIT_UNKNOWN = 0, 1, 2, 3, 4
+EXIT_CANNOT_VERIFY = 3
 CHECK_DELIVERY_WAIT = 10.0  # seconds `check` waits for its alerts to be delivered
 
 log = logging.getLogger("monitor.cli")
@@ -139,6 +140,9 @@ def _parser() -> argparse.ArgumentParser:
     pending = alerts.add_parser("pending", parents=[common], help="deliveries not yet accepted")
     pending.add_argument("--sink")
     pending.add_argument("--json", action="store_true")
+    pending.add_argument(
+        "--rejected", action="store_true", help="also rows a sink refused (set aside)"
+    )
     pending.set_defaults(handler=_cmd_alerts_pending)
     retry = alerts.add_parser("retry", parents=[common], help="make pending deliveries due now")
     retry.add_argument("--sink")
@@ -480,8 +484,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from monitor.storage.chain import verify_chain
 
     settings = _settings(args, read_only=True)
-    queries = _queries(settings)
-    report = verify_chain(queries.engine)
+    try:
+        report = verify_chain(_queries(settings).engine)
+    except StorageError as exc:
+        # Not a verdict: "could not check" must never read as "tampered" (1) or "intact" (0).
+        print(f"genauth-monitor: cannot verify: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_VERIFY
     print(report.describe())
     return EXIT_OK if report.intact else EXIT_DRIFT
 
@@ -494,12 +502,13 @@ def _outbox(args: argparse.Namespace) -> Outbox:
 
 
 def _cmd_alerts_pending(args: argparse.Namespace) -> int:
-    rows = _outbox(args).pending(sink=args.sink)
+    rows = _outbox(args).pending(sink=args.sink, rejected=args.rejected)
     if args.json:
         _print_json(
             [
                 {
                     "id": r.id,
+                    "status": r.status,
                     "sink": r.sink,
                     "attempts": r.attempts,
                     "next_attempt_at": format_time(r.next_attempt_at),
@@ -517,6 +526,7 @@ def _cmd_alerts_pending(args: argparse.Namespace) -> int:
                 [
                     [
                         str(r.id),
+                        r.status,
                         r.sink,
                         r.event.target,
                         r.event.kind,
@@ -526,7 +536,16 @@ def _cmd_alerts_pending(args: argparse.Namespace) -> int:
                     ]
                     for r in rows
                 ],
-                ["ID", "SINK", "TARGET", "KIND", "ATTEMPTS", "NEXT ATTEMPT", "LAST ERROR"],
+                [
+                    "ID",
+                    "STATUS",
+                    "SINK",
+                    "TARGET",
+                    "KIND",
+                    "ATTEMPTS",
+                    "NEXT ATTEMPT",
+                    "LAST ERROR",
+                ],
             )
         )
     return EXIT_OK

@@ -82,4 +82,9 @@ class StorageError(MonitorError):
 
 class DeliveryError(MonitorError):
     """A sink refused or did not answer; the message never holds the sink URL (it may be a
-    credential, as Slack's are) nor the payload."""
+    credential, as Slack's are) nor the payload. ``permanent``: the sink rejected this payload
+    itself (an HTTP 4xx other than 408/425/429), so retrying the same body will not help."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent

@@ -252,3 +252,39 @@ def test_check_delivers_or_says_what_is_left(tmp_path: Path, receiver: Receiver)
         assert json.loads(sent.stdout)["alerts_pending"] == 0
         assert [b["kind"] for b in receiver.bodies()] == ["first_seen", "provider_disabled"]
         assert SECRET not in left.stdout + left.stderr + sent.stdout + sent.stderr
+
+
+def test_a_payload_the_sink_refuses_is_set_aside_not_blocking(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    with SimulatedGenAuth(access_key_secret=SECRET) as sim:
+        runtime = _runtime(
+            f"sqlite:///{tmp_path / 'r.db'}",
+            sim,
+            tmp_path,
+            [{"type": "webhook", "url": receiver.url, "max_backoff": "0.1s"}],
+        )
+        poller, worker = runtime.pollers["prod"], runtime.delivery
+        receiver.status = 400  # this sink refuses the payload itself
+        poller.poll()
+        assert worker.drain(timeout=5) == 0, "set aside after a few refusals"
+        [aside] = runtime_pending_all(runtime)
+        assert aside.status == "rejected" and aside.last_error == "HTTP 400"
+        receiver.status = 200
+        _change(sim, enabled=False)
+        poller.poll()
+        assert worker.drain(timeout=5) == 0
+        assert [b["kind"] for b in receiver.bodies()] == ["provider_disabled"], "not blocked"
+        from monitor.storage.outbox import Outbox
+        from monitor.timeutil import utc_now
+
+        assert Outbox(runtime.store.engine).retry_now(utc_now()) == 1
+        assert worker.drain(timeout=5) == 0
+        assert [b["kind"] for b in receiver.bodies()] == ["provider_disabled", "first_seen"]
+        runtime.store.engine.dispose()
+
+
+def runtime_pending_all(runtime: Runtime) -> Any:
+    from monitor.storage.outbox import Outbox
+
+    return Outbox(runtime.store.engine).pending(rejected=True)

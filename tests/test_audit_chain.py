@@ -146,4 +146,8 @@ def test_verify_command_exit_codes(tmp_path: object) -> None:
     _sql(engine, f"UPDATE events SET kind = 'first_seen' WHERE id = {second}")
     bad = run_cli("verify", "-c", str(config))
     assert bad.returncode == 1 and f"events id={second} " in bad.stdout
+    _sql(engine, "DROP TABLE chain_head")
+    unreadable = run_cli("verify", "-c", str(config))
+    assert unreadable.returncode == 3, unreadable.stdout + unreadable.stderr
+    assert "cannot verify" in unreadable.stderr and "Traceback" not in unreadable.stderr
     engine.dispose()

@@ -10,6 +10,7 @@ from monitor.errors import DeliveryError
 __all__ = ["post"]
 
 USER_AGENT = f"genauth-monitor/{__version__}"
+_TRANSIENT_4XX = frozenset({408, 425, 429})
 
 
 def post(
@@ -42,6 +43,9 @@ def post(
     else:
         if 200 <= response.status_code < 300:
             return
-        error = DeliveryError(f"HTTP {response.status_code}")
+        status = response.status_code
+        error = DeliveryError(
+            f"HTTP {status}", permanent=400 <= status < 500 and status not in _TRANSIENT_4XX
+        )
     # Raised outside the except blocks so no requests exception (with the URL) is chained.
     raise error

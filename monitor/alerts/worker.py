@@ -18,7 +18,7 @@ from typing import Protocol
 from monitor.core.alerting import FAMILIES
 from monitor.errors import DeliveryError, StorageError
 from monitor.metrics import Metrics
-from monitor.storage.outbox import Outbox
+from monitor.storage.outbox import Outbox, PendingDelivery
 from monitor.storage.queries import EventView
 from monitor.timeutil import Clock
 
@@ -27,6 +27,7 @@ __all__ = ["DeliveryWorker", "Sink", "SinkPolicy", "retry_delay"]
 log = logging.getLogger("monitor.alerts")
 
 FIRST_RETRY = 1.0
+REJECT_AFTER = 3  # attempts refused with a permanent 4xx before a row is set aside
 SYNC_EVERY = 60.0  # Alertmanager wants firing alerts re-posted every 30 s to 3 min
 
 
@@ -135,19 +136,11 @@ class DeliveryWorker:
             try:
                 policy.sink.send(row.event)
             except DeliveryError as exc:
-                delay = retry_delay(row.attempts + 1, policy.max_backoff)
-                self._outbox.failed(row.id, str(exc), now + timedelta(seconds=delay))
                 self._metrics.deliveries.labels(sink=policy.sink.name, outcome="failed").inc()
-                log.warning(
-                    "alert delivery failed; will retry",
-                    extra={
-                        "sink": policy.sink.name,
-                        "event_id": row.event.id,
-                        "attempts": row.attempts + 1,
-                        "detail": str(exc),
-                        "retry_in_s": round(delay, 1),
-                    },
-                )
+                if exc.permanent and row.attempts + 1 >= REJECT_AFTER:
+                    self._set_aside(policy, row, exc, now)
+                    continue
+                self._retry_later(policy, row, exc, now)
                 break  # keep this sink's order: newer rows wait behind the failed one
             self._outbox.delivered(row.id, self._clock())
             self._metrics.deliveries.labels(sink=policy.sink.name, outcome="sent").inc()
@@ -157,6 +150,38 @@ class DeliveryWorker:
             )
             sent += 1
         return sent
+
+    def _retry_later(
+        self, policy: SinkPolicy, row: PendingDelivery, exc: DeliveryError, now: datetime
+    ) -> None:
+        delay = retry_delay(row.attempts + 1, policy.max_backoff)
+        self._outbox.failed(row.id, str(exc), now + timedelta(seconds=delay))
+        log.warning(
+            "alert delivery failed; will retry",
+            extra={
+                "sink": policy.sink.name,
+                "event_id": row.event.id,
+                "attempts": row.attempts + 1,
+                "detail": str(exc),
+                "retry_in_s": round(delay, 1),
+            },
+        )
+
+    def _set_aside(
+        self, policy: SinkPolicy, row: PendingDelivery, exc: DeliveryError, now: datetime
+    ) -> None:
+        # The sink refuses this very payload: retrying it forever would block every alert
+        # behind it. It stays in the outbox (`alerts pending --rejected`, `alerts retry`).
+        self._outbox.rejected(row.id, str(exc), now)
+        log.error(
+            "alert delivery rejected by the sink; set aside, later alerts go on",
+            extra={
+                "sink": policy.sink.name,
+                "event_id": row.event.id,
+                "attempts": row.attempts + 1,
+                "detail": str(exc),
+            },
+        )
 
     def sync_now(self) -> None:
         """Re-post firing alerts and queue repeats now instead of at the next period."""

@@ -19,8 +19,11 @@ from typing import Any
 
 from sqlalchemy import Engine, select, update
 from sqlalchemy.engine import Connection, RowMapping
+from sqlalchemy.exc import SQLAlchemyError
 
 from monitor.core import canonical_json, snapshot_hash
+from monitor.errors import StorageError
+from monitor.storage.engine import describe_error
 from monitor.storage.schema import chain_head, events, snapshots
 from monitor.timeutil import format_time
 
@@ -112,8 +115,11 @@ def verify_chain(engine: Engine) -> ChainReport:
     SQLite), so rows the daemon appends meanwhile are not mistaken for tampering.
     """
     options = {"isolation_level": "REPEATABLE READ"} if engine.dialect.name == "postgresql" else {}
-    with engine.connect().execution_options(**options) as connection, connection.begin():
-        return _walk(connection)
+    try:
+        with engine.connect().execution_options(**options) as connection, connection.begin():
+            return _walk(connection)
+    except SQLAlchemyError as exc:
+        raise StorageError(describe_error(exc)) from None
 
 
 def _walk(connection: Connection) -> ChainReport:

@@ -23,6 +23,7 @@ __all__ = ["Outbox", "PendingDelivery", "enqueue"]
 @dataclass(frozen=True, slots=True)
 class PendingDelivery:
     id: int
+    status: str  # pending | rejected
     sink: str
     attempts: int
     next_attempt_at: datetime
@@ -71,8 +72,11 @@ class Outbox:
             return []
         return rows
 
-    def pending(self, *, sink: str | None = None, limit: int = 1000) -> list[PendingDelivery]:
-        return self._pending(sink=sink, limit=limit)
+    def pending(
+        self, *, sink: str | None = None, limit: int = 1000, rejected: bool = False
+    ) -> list[PendingDelivery]:
+        """Rows not delivered yet; with ``rejected`` also those set aside as refused."""
+        return self._pending(sink=sink, limit=limit, rejected=rejected)
 
     def pending_count(self, sinks: Collection[str]) -> int:
         """Rows still to deliver to these sinks (rows of a sink no longer configured wait
@@ -128,9 +132,26 @@ class Outbox:
             )
         )
 
+    def rejected(self, row_id: int, error: str, now: datetime) -> None:
+        """Set aside a row its sink keeps refusing, so the rows behind it can go."""
+        self._write(
+            update(outbox)
+            .where(outbox.c.id == row_id)
+            .values(
+                status="rejected",
+                attempts=outbox.c.attempts + 1,
+                last_error=error[:500],
+                next_attempt_at=now,
+            )
+        )
+
     def retry_now(self, now: datetime, *, sink: str | None = None) -> int:
-        """Make pending rows due at once (operators, after fixing a sink)."""
-        query = update(outbox).where(outbox.c.status == "pending").values(next_attempt_at=now)
+        """Make pending and rejected rows due at once (operators, after fixing a sink)."""
+        query = (
+            update(outbox)
+            .where(outbox.c.status.in_(("pending", "rejected")))
+            .values(status="pending", next_attempt_at=now)
+        )
         if sink is not None:
             query = query.where(outbox.c.sink == sink)
         return self._write(query)
@@ -192,18 +213,22 @@ class Outbox:
             )
         )
 
-    def _pending(self, *, sink: str | None, limit: int) -> list[PendingDelivery]:
+    def _pending(
+        self, *, sink: str | None, limit: int, rejected: bool = False
+    ) -> list[PendingDelivery]:
+        statuses = ("pending", "rejected") if rejected else ("pending",)
         query = (
             event_select()
             .add_columns(
                 outbox.c.id.label("outbox_id"),
+                outbox.c.status.label("outbox_status"),
                 outbox.c.sink,
                 outbox.c.attempts,
                 outbox.c.next_attempt_at,
                 outbox.c.last_error,
             )
             .join(outbox, outbox.c.event_id == events.c.id)
-            .where(outbox.c.status == "pending")
+            .where(outbox.c.status.in_(statuses))
             .order_by(outbox.c.id)
             .limit(limit)
         )
@@ -213,6 +238,7 @@ class Outbox:
             return [
                 PendingDelivery(
                     id=r.outbox_id,
+                    status=r.outbox_status,
                     sink=r.sink,
                     attempts=r.attempts,
                     next_attempt_at=r.next_attempt_at,
