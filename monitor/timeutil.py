@@ -41,7 +41,10 @@ def parse_time(text: str, *, now: datetime) -> datetime:
     match = _RELATIVE.match(text)
     if match:
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-        return now - timedelta(seconds=seconds)
+        try:
+            return now - timedelta(seconds=seconds)
+        except OverflowError:
+            raise ValueError(f"time {text!r} is too far back") from None
     try:
         return parse_time_strict(text)
     except ValueError:
