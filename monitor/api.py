@@ -17,6 +17,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from monitor import __version__
+from monitor.api_models import (
+    DiffOut,
+    ErrorOut,
+    EventPage,
+    ReadyOut,
+    SnapshotDocumentOut,
+    SnapshotPage,
+    TargetList,
+)
 from monitor.core import diff
 from monitor.core.rules import EVENT_KINDS
 from monitor.errors import StorageError
@@ -43,6 +52,18 @@ def _page(key: str, rows: Sequence[_Row], limit: int) -> dict[str, Any]:
         key: [row.as_dict() for row in rows],
         "next_cursor": rows[-1].cursor() if rows and len(rows) == limit else None,
     }
+
+
+_ERROR_TEXT = {
+    400: "bad parameter (named in the message)",
+    401: "missing or wrong bearer token",
+    404: "unknown target or snapshot",
+    503: "API disabled (no token configured) or database unavailable",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorOut, "description": _ERROR_TEXT[code]} for code in codes}
 
 
 class _BadParameter(Exception):
@@ -100,18 +121,29 @@ def create_app(
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
 
-    @app.get("/healthz", response_class=PlainTextResponse)
+    @app.get("/healthz", response_class=PlainTextResponse, summary="process alive")
     def healthz() -> str:
         return "ok\n"
 
-    @app.get("/readyz")
+    @app.get(
+        "/readyz",
+        response_model=ReadyOut,
+        responses={503: {"model": ReadyOut, "description": "not ready"}},
+        summary="database reachable and scheduler running",
+    )
     def readyz() -> JSONResponse:
         ok, checks = ready()
         return JSONResponse({"ready": ok, "checks": checks}, 200 if ok else 503)
 
     metrics_deps = [Depends(require_token)] if metrics_token else []
 
-    @app.get("/metrics", dependencies=metrics_deps, response_class=Response)
+    @app.get(
+        "/metrics",
+        dependencies=metrics_deps,
+        response_class=PlainTextResponse,
+        responses=_errors(401, 503) if metrics_token else {},
+        summary="Prometheus metrics",
+    )
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -139,11 +171,18 @@ def create_app(
 
     v1 = [Depends(require_token)]
 
-    @app.get("/api/v1/targets", dependencies=v1)
+    @app.get(
+        "/api/v1/targets", dependencies=v1, response_model=TargetList, responses=_errors(401, 503)
+    )
     def list_targets() -> dict[str, Any]:
         return {"targets": [view.as_dict() for view in queries.targets()]}
 
-    @app.get("/api/v1/targets/{name}/snapshots", dependencies=v1)
+    @app.get(
+        "/api/v1/targets/{name}/snapshots",
+        dependencies=v1,
+        response_model=SnapshotPage,
+        responses=_errors(400, 401, 404, 503),
+    )
     def list_snapshots(
         name: str,
         since: str | None = None,
@@ -160,14 +199,24 @@ def create_app(
         )
         return _page("snapshots", rows, limit)
 
-    @app.get("/api/v1/snapshots/{ref}", dependencies=v1)
+    @app.get(
+        "/api/v1/snapshots/{ref}",
+        dependencies=v1,
+        response_model=SnapshotDocumentOut,
+        responses=_errors(401, 404, 503),
+    )
     def get_snapshot(ref: str) -> dict[str, Any]:
         found = queries.snapshot(ref)
         if found is None:
             raise HTTPException(404, f"unknown snapshot {ref!r}")
         return found.as_dict(with_document=True)
 
-    @app.get("/api/v1/targets/{name}/at", dependencies=v1)
+    @app.get(
+        "/api/v1/targets/{name}/at",
+        dependencies=v1,
+        response_model=SnapshotDocumentOut,
+        responses=_errors(400, 401, 404, 503),
+    )
     def snapshot_at(name: str, time: str) -> dict[str, Any]:
         moment = when("time", time)
         assert moment is not None
@@ -176,7 +225,12 @@ def create_app(
             raise HTTPException(404, f"target {name!r} was not observed yet at {time}")
         return found.as_dict(with_document=True)
 
-    @app.get("/api/v1/events", dependencies=v1)
+    @app.get(
+        "/api/v1/events",
+        dependencies=v1,
+        response_model=EventPage,
+        responses=_errors(400, 401, 404, 503),
+    )
     def list_events(
         target: str | None = None,
         kind: str | None = None,
@@ -205,7 +259,12 @@ def create_app(
         )
         return _page("events", rows, limit)
 
-    @app.get("/api/v1/diff", dependencies=v1)
+    @app.get(
+        "/api/v1/diff",
+        dependencies=v1,
+        response_model=DiffOut,
+        responses=_errors(400, 401, 404, 503),
+    )
     def diff_snapshots(from_: Annotated[str, Query(alias="from")], to: str) -> dict[str, Any]:
         old, new = queries.snapshot(from_), queries.snapshot(to)
         if old is None:
