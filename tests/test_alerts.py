@@ -288,3 +288,52 @@ def runtime_pending_all(runtime: Runtime) -> Any:
     from monitor.storage.outbox import Outbox
 
     return Outbox(runtime.store.engine).pending(rejected=True)
+
+
+def test_repeat_interval_resends_a_still_firing_critical_alert(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    from tests.conftest import FakeClock
+
+    clock = FakeClock()
+    with SimulatedGenAuth(access_key_secret=SECRET) as sim:
+        settings = runtime_settings(
+            f"sqlite:///{tmp_path / 'rep.db'}",
+            sim,
+            tmp_path,
+            sinks=[
+                {
+                    "type": "webhook",
+                    "url": receiver.url,
+                    "min_severity": "critical",
+                    "repeat_interval": "1h",
+                }
+            ],
+        )
+        runtime = build_runtime(settings, clock=clock)
+        poller, worker = runtime.pollers["prod"], runtime.delivery
+        _change(sim, enabled=False)
+        poller.poll()
+        worker.drain(timeout=5)
+        clock.advance(1800)
+        worker.sync_now()  # half an hour: not yet
+        worker.drain(timeout=5)
+        assert [b["kind"] for b in receiver.bodies()] == ["provider_disabled"]
+        clock.advance(1900)
+        worker.sync_now()  # over an hour since the delivery: once more
+        worker.drain(timeout=5)
+        kinds = [b["kind"] for b in receiver.bodies()]
+        assert kinds == ["provider_disabled", "provider_disabled"]
+        _change(sim, enabled=True)
+        clock.advance(60)
+        poller.poll()
+        worker.drain(timeout=5)
+        clock.advance(7200)
+        worker.sync_now()  # resolved: no more repeats
+        worker.drain(timeout=5)
+        assert [b["kind"] for b in receiver.bodies()] == [
+            "provider_disabled",
+            "provider_disabled",
+            "provider_enabled",
+        ]
+        runtime.store.engine.dispose()

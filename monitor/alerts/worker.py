@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -97,15 +98,21 @@ class DeliveryWorker:
         return sent
 
     def drain(self, timeout: float) -> int:
-        """Deliver until nothing is due or ``timeout`` passes (``check``); the rows left."""
-        deadline = self._clock() + timedelta(seconds=timeout)
+        """Deliver until nothing is due or ``timeout`` passes (``check``); the rows left.
+
+        The wait is measured on the monotonic clock: it is real time spent by this process,
+        whatever the injected clock says."""
+        give_up = time.monotonic() + timeout
         while True:
             self.run_once()
             pending = self._outbox.pending_count(self._sinks)
             due = self._outbox.next_due(self._sinks)
-            if not pending or due is None or due > deadline or self._clock() >= deadline:
+            if not pending or due is None:
                 return pending
-            self._stop.wait(max(0.05, min(1.0, (due - self._clock()).total_seconds())))
+            wait = (due - self._clock()).total_seconds()
+            if time.monotonic() + wait > give_up:
+                return pending
+            self._stop.wait(max(0.05, min(1.0, wait)))
 
     def _loop(self) -> None:
         while not self._stop.is_set():
