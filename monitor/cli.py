@@ -254,7 +254,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.target is not None and args.target not in {t.name for t in settings.targets}:
         raise UsageError(f"--target: unknown target {args.target!r}")
-    runtime = build_runtime(settings)
+    try:
+        runtime = build_runtime(settings)
+    except StorageError as exc:
+        # Not a verdict on the provider: "could not check" is the poll-failed code, never 1.
+        print(f"genauth-monitor: cannot record the check: {exc}", file=sys.stderr)
+        return EXIT_POLL_FAILED
     results = [
         poller.poll() for name, poller in runtime.pollers.items() if args.target in (None, name)
     ]

@@ -510,8 +510,11 @@ class StorageSettings(_Model):
 
     @property
     def display_url(self) -> str:
-        """The URL with any password shown as ``***``: the only form fit to print."""
-        return make_url(self.url).render_as_string(hide_password=True)
+        """The URL with any password shown as ``***`` and no query string (libpq accepts a
+        ``?password=`` there too): the only form fit to print."""
+        url = make_url(self.url)
+        shown = url.set(query={}).render_as_string(hide_password=True)
+        return shown + ("?..." if url.query else "")
 
 
 _DRIVERS: Final = {
@@ -803,6 +806,11 @@ def load_settings(
     )
 
 
+def _without_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
 def default_config_path(environ: Mapping[str, str] | None = None) -> Path:
     """``$GENAUTH_MONITOR_CONFIG`` if set, else ``./genauth-monitor.toml``."""
     env = os.environ if environ is None else environ
@@ -838,7 +846,7 @@ def summary(settings: Settings) -> list[str]:
         expect = f", {len(target.expect)} expected value(s)" if target.expect else ""
         ignore = f", {len(target.ignore)} ignored path(s)" if target.ignore else ""
         lines.append(
-            f"target {target.name}: {target.base_url}, every "
+            f"target {target.name}: {_without_userinfo(target.base_url)}, every "
             f"{format_duration(target.effective_interval(monitor))}, timeout "
             f"{format_duration(target.effective_timeout(monitor))}, "
             f"secret {_origin(target, 'access_key_secret')}{expect}{ignore}"

@@ -29,6 +29,7 @@ import base64
 import binascii
 import email.utils
 import json
+import math
 import os
 import re
 import threading
@@ -344,7 +345,9 @@ class GenAuthClient:
 
     def _decode(self, response: requests.Response, endpoint: str) -> Any:
         try:
-            return json.loads(response.content, parse_constant=_reject_constant)
+            return json.loads(
+                response.content, parse_constant=_reject_constant, parse_float=_finite_float
+            )
         except (ValueError, RecursionError):
             pass
         self._invalid(response, endpoint, f"body is not JSON ({_describe_body(response)})")
@@ -454,6 +457,14 @@ def _reject_constant(name: str) -> Any:
     # Python's parser accepts NaN and Infinity; JSON has no such numbers, and a document
     # holding them could neither be hashed canonically nor served back as JSON.
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    # 1e400 parses to inf: as unrepresentable as the NaN/Infinity literals.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("number out of range")
+    return value
 
 
 def _small_json_object(response: requests.Response) -> dict[str, Any] | None:

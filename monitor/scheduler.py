@@ -35,8 +35,11 @@ def backoff_delay(
     failure after the first, capped, but never shorter than the upstream's Retry-After."""
     if failures <= 0:
         return 0.0
-    delay = min(max(cap, interval), interval * 2.0 ** min(failures - 1, 32))
-    return max(delay, retry_after or 0.0)
+    ceiling = max(cap, interval)
+    delay = min(ceiling, interval * 2.0 ** min(failures - 1, 32))
+    # An absurd Retry-After (a proxy's, or years ahead) must not stop polling: it is honoured
+    # up to the backoff cap.
+    return max(delay, min(retry_after or 0.0, ceiling))
 
 
 class _Job:
@@ -72,7 +75,7 @@ class _Job:
         # The job fires every interval, so the gate opens half an interval early to catch the
         # run at ``delay``; the upstream's Retry-After is never cut short.
         self._not_before = self._monotonic() + max(
-            delay - self._target.interval * 0.5, retry_after or 0.0
+            delay - self._target.interval * 0.5, min(retry_after or 0.0, delay)
         )
 
 

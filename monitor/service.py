@@ -127,9 +127,17 @@ class TargetPoller:
         now = self._clock()
         try:
             data = self._fetcher.fetch_email_provider()
+            document, digest = self._redacted(data)
         except UpstreamError as error:
             return self._failed(error, now, started)
-        document, digest = self._redacted(data)
+        except Exception as exc:
+            # JSON that parses but is not I-JSON (a lone surrogate, absurd nesting) must count
+            # as a failure, raise poll_failing and turn `up` to 0, never pass silently.
+            unusable = UpstreamError(
+                "invalid_response",
+                f"get-email-provider: answer cannot be canonicalised ({type(exc).__name__})",
+            )
+            return self._failed(unusable, now, started)
         drift = bool(baseline_mismatches(document, self._expect)) if self._expect else False
         self.failures_in_a_row = 0
         self._metrics.set_config(

@@ -203,7 +203,9 @@ def _b64url(raw: bytes) -> str:
 
 
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    # ASCII with \u escapes: valid JSON for any string, lone surrogates included, as a real
+    # server may send them.
+    return json.dumps(obj, separators=(",", ":")).encode("ascii")
 
 
 def _envelope_error(status: int, message: str, api_code: int) -> bytes:

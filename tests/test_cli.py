@@ -190,3 +190,19 @@ def test_taken_port_is_one_clear_line(
     assert result.returncode == 1
     assert "cannot listen on 127.0.0.1:" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_unreachable_database_is_not_drift(
+    tmp_path: Path, sim: SimulatedGenAuth, env: dict[str, str]
+) -> None:
+    url = "postgresql+psycopg://postgres@127.0.0.1:9/nowhere?password=Db-Pass-In-Query"
+    config = write_config(tmp_path, sim, storage_url=url)
+    text = config.read_text().replace("[monitor]", '[monitor]\nfingerprint_key_env = "GM_FP"')
+    config.write_text(text)
+    env = {**env, "GM_FP": "k"}
+    checked = run_cli("check", "-c", str(config), env=env)
+    assert checked.returncode == 3, checked.stdout + checked.stderr
+    shown = run_cli("config", "check", "-c", str(config), env=env)
+    assert shown.returncode == 0
+    for out in (checked, shown):
+        assert "Db-Pass-In-Query" not in out.stdout + out.stderr

@@ -297,3 +297,26 @@ def test_a_number_turning_into_a_bool_is_a_change(rig: Rig) -> None:
     changed = rig.poll()
     assert changed.hash != one.hash
     assert [e.kind for e in changed.events] == ["config_changed"]
+
+
+def test_answers_that_cannot_be_canonicalised_are_failures(rig: Rig) -> None:
+    import sys
+
+    rig.poll()
+    deep: Any = "x"
+    for _ in range(1500):
+        deep = {"d": deep}
+    for odd in ("\ud800", deep):
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(20_000)  # only so the simulator can take the document
+        try:
+            data = rig.sim.data
+            data["futureField"] = odd
+            rig.sim.set_data(data)
+        finally:
+            sys.setrecursionlimit(limit)
+        result = rig.poll()
+        assert not result.ok and result.error is not None, repr(odd)[:40]
+        assert result.error.reason == "invalid_response"
+    assert rig.sample("genauth_monitor_up") == 0
+    assert rig.sample("genauth_monitor_polls_total", outcome="invalid_response") == 2

@@ -22,6 +22,7 @@ def test_backoff_doubles_caps_and_honours_retry_after() -> None:
     assert backoff_delay(interval=60, failures=30, cap=900) == 900
     assert backoff_delay(interval=60, failures=1, cap=900, retry_after=300) == 300
     assert backoff_delay(interval=1200, failures=3, cap=900) == 1200, "never below the interval"
+    assert backoff_delay(interval=60, failures=1, cap=900, retry_after=3e8) == 900, "capped"
 
 
 class _Poller:

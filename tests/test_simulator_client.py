@@ -486,3 +486,14 @@ def test_nan_is_not_json(sim: SimulatedGenAuth, make_client: ClientFactory) -> N
     with pytest.raises(UpstreamError) as caught:
         make_client().fetch_email_provider()
     assert caught.value.reason == "invalid_response"
+
+
+def test_overflowing_number_is_not_json(sim: SimulatedGenAuth, make_client: ClientFactory) -> None:
+    sim.set_data({"enabled": True, "n": 1e308})
+    assert make_client().fetch_email_provider()["n"] == 1e308
+    data = sim.data
+    data["n"] = float("inf")  # the simulator writes it as Infinity; 1e400 behaves the same
+    sim.set_data(data)
+    with pytest.raises(UpstreamError) as caught:
+        make_client().fetch_email_provider()
+    assert caught.value.reason == "invalid_response"

@@ -9,9 +9,10 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import StaticPool
 
 from monitor.errors import StorageError
 
@@ -34,13 +35,20 @@ _BUSY_TIMEOUT_MS = 30_000
 def create_store_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for ``url``; SQLite gets WAL, a busy timeout and foreign keys."""
     if url.startswith("sqlite"):
+        if make_url(url).database in (None, "", ":memory:"):
+            # One shared connection: the default pool would give each thread its own empty
+            # in-memory database.
+            kwargs.setdefault("poolclass", StaticPool)
         engine = create_engine(url, connect_args={"check_same_thread": False}, **kwargs)
         _tune_sqlite(engine)
         return engine
     # No pre-ping: it costs a round trip per transaction on the hot path, and a write that
     # fails on a dropped connection is kept and retried by the poller anyway (the pool
     # replaces connections after a disconnect error).
-    return create_engine(url, **kwargs)
+    # A lock held elsewhere (a migration, VACUUM FULL) must not freeze polling: after
+    # lock_timeout the write fails, is kept in memory and retried like any outage.
+    connect_args = {"connect_timeout": 10, "options": "-c lock_timeout=10000"}
+    return create_engine(url, connect_args=connect_args, **kwargs)
 
 
 def _tune_sqlite(engine: Engine) -> None:
