@@ -370,9 +370,14 @@ def _secret_not_empty(value: SecretStr) -> SecretStr:
 _NAME: Final = re.compile(r"[A-Za-z0-9_.-]+")
 
 
+MAX_NAME = 128  # the width of targets.name and outbox.sink in the database
+
+
 def _name(value: str) -> str:
     if not _NAME.fullmatch(value):
         raise ValueError("must be non-empty and use only letters, digits, '_', '.' and '-'")
+    if len(value) > MAX_NAME:
+        raise ValueError(f"must be at most {MAX_NAME} characters")
     return value
 
 

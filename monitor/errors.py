@@ -77,7 +77,12 @@ class UpstreamError(MonitorError):
 
 
 class StorageError(MonitorError):
-    """The database could not be reached or refused the operation."""
+    """The database could not be reached or refused the operation. ``permanent``: it refused
+    this very data (a value it cannot store), so trying again cannot succeed."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class DeliveryError(MonitorError):

@@ -188,7 +188,7 @@ class TargetPoller:
             message=error.message,
             http_status=error.http_status,
             api_code=error.api_code,
-            request_id=error.request_id,
+            request_id=_bounded(error.request_id, 128),
         )
         self._queue(_Failed(now, failure))
         events, stored = self._flush()
@@ -222,7 +222,17 @@ class TargetPoller:
         written: list[EventDraft] = []
         try:
             while self._pending:
-                written.extend(self._apply(self._pending[0]))
+                try:
+                    written.extend(self._apply(self._pending[0]))
+                except StorageError as exc:
+                    if not exc.permanent:
+                        raise
+                    # The database refuses this outcome's data itself: retrying it would
+                    # block every later poll of the target, so it is dropped, loudly.
+                    log.error(
+                        "poll outcome the database cannot store; dropped",
+                        extra={"target": self.name, "detail": str(exc)},
+                    )
                 self._pending.popleft()
         except StorageError as exc:
             log.error(
@@ -303,5 +313,11 @@ class TargetPoller:
 
 
 def _type_of(document: Any) -> str | None:
+    """The provider type for the summary column and metric label (the document keeps it
+    whole): bounded and without NUL, which PostgreSQL text cannot hold."""
     value = document.get("type")
-    return value if isinstance(value, str) else None
+    return _bounded(value, 64) if isinstance(value, str) else None
+
+
+def _bounded(value: str | None, width: int) -> str | None:
+    return value.replace("\x00", "")[:width] if value is not None else None

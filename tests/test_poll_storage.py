@@ -320,3 +320,14 @@ def test_answers_that_cannot_be_canonicalised_are_failures(rig: Rig) -> None:
         assert result.error.reason == "invalid_response"
     assert rig.sample("genauth_monitor_up") == 0
     assert rig.sample("genauth_monitor_polls_total", outcome="invalid_response") == 2
+
+
+def test_odd_upstream_strings_never_wedge_recording(rig: Rig) -> None:
+    rig.poll()
+    _set(rig.sim, "type", "x" * 65 + "\x00")
+    odd = rig.poll()
+    assert odd.stored and [e.kind for e in odd.events] == ["type_changed", "baseline_drift"]
+    _set(rig.sim, "enabled", False)
+    assert [e.kind for e in rig.poll().events] == ["provider_disabled"]
+    [current] = rig.queries.targets()
+    assert current.enabled is False and len(current.provider_type or "") == 64

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Engine, Integer, bindparam, insert, select, text, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from monitor.core import EventDraft
 from monitor.core.alerting import SinkRoute
@@ -283,7 +283,7 @@ class Store:
                 head = connection.info.pop("chain_head", None)
                 queued = connection.info.pop("outbox", 0)
         except SQLAlchemyError as exc:
-            raise StorageError(describe_error(exc)) from None
+            raise StorageError(describe_error(exc), permanent=isinstance(exc, DataError)) from None
         if head is not None:
             log.info("audit chain head", extra={"chain_seq": head[0], "chain_hash": head[1]})
         if queued and self._on_outbox is not None:
