@@ -19,6 +19,8 @@ from monitor.core import (
     EventDraft,
     baseline_mismatches,
     failure_events,
+    fingerprint,
+    is_secret_key,
     recovery_events,
     redact,
     same_document,
@@ -96,7 +98,7 @@ class TargetPoller:
         self._store = store
         self._metrics = metrics
         self._key = fingerprint_key
-        self._expect = dict(expect)
+        self._expect = _protect_expectations(expect, fingerprint_key)
         self._ignore = tuple(ignore)
         self._threshold = failure_threshold
         self._clock = clock
@@ -310,6 +312,17 @@ class TargetPoller:
             "configuration changed" if before.hash else "first snapshot recorded",
             extra={"target": self.name, "old_hash": before.hash, "new_hash": outcome.hash},
         )
+
+
+def _protect_expectations(expect: Mapping[str, Any], key: bytes) -> dict[str, Any]:
+    """A baseline value at a secret path is compared as its fingerprint, like the document
+    it is checked against, so the plaintext in the config never reaches an event or a sink."""
+    return {
+        path: fingerprint(key, value)
+        if any(is_secret_key(part) for part in path.split("."))
+        else value
+        for path, value in expect.items()
+    }
 
 
 def _type_of(document: Any) -> str | None:

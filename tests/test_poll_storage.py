@@ -331,3 +331,18 @@ def test_odd_upstream_strings_never_wedge_recording(rig: Rig) -> None:
     assert [e.kind for e in rig.poll().events] == ["provider_disabled"]
     [current] = rig.queries.targets()
     assert current.enabled is False and len(current.provider_type or "") == 64
+
+
+def test_a_baseline_on_a_secret_path_compares_fingerprints(
+    db_url: str, simulator: SimulatedGenAuth, clock: FakeClock
+) -> None:
+    simulator.set_data(copy.deepcopy(CONFIG))
+    rig = Rig(db_url, simulator, clock, expect={"smtpConfig.senderPass": SMTP_PASS})
+    assert [e.kind for e in rig.poll().events] == ["first_seen"], "the right password: no drift"
+    _set(simulator, "smtpConfig.senderPass", "Another-Pass")
+    drifted = rig.poll()
+    assert [e.kind for e in drifted.events] == ["secret_rotated", "baseline_drift"]
+    with rig.engine.connect() as connection:
+        rows = " ".join(str(r) for r in connection.execute(text("SELECT changes FROM events")))
+    assert SMTP_PASS not in rows and "Another-Pass" not in rows
+    rig.engine.dispose()
