@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from monitor.core import (
     EventDraft,
+    baseline_events,
     baseline_mismatches,
     failure_events,
     fingerprint,
@@ -31,7 +32,7 @@ from monitor.core.alerting import apply_ignore
 from monitor.errors import StorageError, UpstreamError
 from monitor.metrics import Metrics
 from monitor.storage import FailureRecord, Store, TargetState
-from monitor.storage.store import NewSnapshot
+from monitor.storage.store import NewSnapshot, StaleStateError
 from monitor.timeutil import Clock
 
 __all__ = ["Fetcher", "PollResult", "TargetPoller"]
@@ -49,11 +50,16 @@ class Fetcher(Protocol):
 
 @dataclass(slots=True)
 class _Seen:
-    at: datetime
+    at: datetime  # the first sighting: a change is dated when it was first seen
     hash: str
     document: Any
     drift: bool
     times: int = 1
+    last_at: datetime | None = None  # the latest sighting, when sightings were collapsed
+
+    @property
+    def seen_last(self) -> datetime:
+        return self.last_at or self.at
 
 
 @dataclass(slots=True)
@@ -206,8 +212,8 @@ class TargetPoller:
 
     def _enqueue_seen(self, seen: _Seen) -> None:
         last = self._pending[-1] if self._pending else None
-        if isinstance(last, _Seen) and last.hash == seen.hash:
-            last.at, last.times = seen.at, last.times + 1
+        if isinstance(last, _Seen) and last.hash == seen.hash and last.drift == seen.drift:
+            last.last_at, last.times = seen.at, last.times + 1
         else:
             self._queue(seen)
 
@@ -245,22 +251,20 @@ class TargetPoller:
         return written, True
 
     def _apply(self, outcome: _Seen | _Failed) -> list[EventDraft]:
-        state = self._state or self._store.ensure_target(self.name, now=outcome.at)
-        self._state = state
-        events = apply_ignore(self._events_for(state, outcome), self._ignore)
-        if isinstance(outcome, _Failed):
-            self._state = self._store.record_failure(
-                state, outcome.failure, now=outcome.at, events_=events
-            )
-        elif outcome.hash == state.hash:
-            self._state = self._store.record_unchanged(
-                state, now=outcome.at, times=outcome.times, events_=events
-            )
+        for _ in range(3):
+            state = self._state or self._store.ensure_target(self.name, now=outcome.at)
+            self._state = state
+            events = apply_ignore(self._events_for(state, outcome), self._ignore)
+            try:
+                self._state = self._write(state, outcome, events)
+            except StaleStateError:
+                # Another process (a `check` beside the daemon) recorded something since we
+                # last looked: read the current state and judge the outcome against it.
+                self._state = None
+                continue
+            break
         else:
-            self._state = self._store.record_snapshot(
-                state, self._new_snapshot(outcome), now=outcome.at, events_=events
-            )
-            self._log_change(state, outcome)
+            raise StorageError("the target's state kept changing under this writer")
         for event in events:
             self._metrics.count_event(self.name, event.kind)
             log.log(
@@ -271,6 +275,32 @@ class TargetPoller:
         if isinstance(outcome, _Seen):
             self._metrics.set_last_change(self.name, self._state.last_change_at)
         return events
+
+    def _write(
+        self, state: TargetState, outcome: _Seen | _Failed, events: list[EventDraft]
+    ) -> TargetState:
+        if isinstance(outcome, _Failed):
+            return self._store.record_failure(
+                state, outcome.failure, now=outcome.at, events_=events
+            )
+        if outcome.hash == state.hash:
+            return self._store.record_unchanged(
+                state,
+                now=outcome.seen_last,
+                times=outcome.times,
+                drift=outcome.drift,
+                events_=events,
+            )
+        written = self._store.record_snapshot(
+            state,
+            self._new_snapshot(outcome),
+            now=outcome.at,
+            last_seen=outcome.seen_last,
+            times=outcome.times,
+            events_=events,
+        )
+        self._log_change(state, outcome)
+        return written
 
     def _events_for(self, state: TargetState, outcome: _Seen | _Failed) -> list[EventDraft]:
         if isinstance(outcome, _Failed):
@@ -286,8 +316,14 @@ class TargetPoller:
             threshold=self._threshold,
         )
         if outcome.hash != state.hash:
-            events += self._snapshot_events(state, outcome)
-        return events
+            return events + self._snapshot_events(state, outcome)
+        # Same configuration, but the baseline may have changed (a new `expect` after a restart).
+        return events + baseline_events(
+            target=self.name,
+            current=outcome.document,
+            expect=self._expect,
+            was_drifting=state.drift,
+        )
 
     def _snapshot_events(self, state: TargetState, outcome: _Seen) -> list[EventDraft]:
         return snapshot_events(

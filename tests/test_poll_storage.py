@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -346,3 +347,69 @@ def test_a_baseline_on_a_secret_path_compares_fingerprints(
         rows = " ".join(str(r) for r in connection.execute(text("SELECT changes FROM events")))
     assert SMTP_PASS not in rows and "Another-Pass" not in rows
     rig.engine.dispose()
+
+
+def test_a_second_writer_never_leaves_the_first_one_stale(rig: Rig) -> None:
+    """`check` beside the daemon: two pollers, two processes' worth of cached state."""
+    rig.poll()  # the daemon
+    check = rig.new_poller(expect={"enabled": True, "type": "custom"})
+    check.restore(rig.store.ensure_target("prod", now=rig.clock()))
+    _set(rig.sim, "enabled", False)
+    rig.clock.advance(60)
+    assert [e.kind for e in check.poll().events] == ["provider_disabled", "baseline_drift"]
+    _set(rig.sim, "enabled", True)
+    back = rig.poll()  # the daemon still believes the first snapshot is current
+    assert [e.kind for e in back.events] == ["provider_enabled", "baseline_restored"]
+    [state] = rig.queries.targets()
+    assert state.enabled is True and state.hash == back.hash and state.drift is False
+    again = rig.poll()
+    assert again.events == []
+    assert rig.count(snapshots) == 3
+
+
+def test_a_new_baseline_after_a_restart_is_judged_at_once(rig: Rig) -> None:
+    rig.poll()  # expect enabled/custom: matches
+    stricter = Rig(rig.url, rig.sim, rig.clock, expect={"smtpConfig.smtp_port": 587})
+    drifted = stricter.poll()
+    assert [e.kind for e in drifted.events] == ["baseline_drift"]
+    assert stricter.queries.targets()[0].drift is True
+    fixed = Rig(rig.url, rig.sim, rig.clock, expect={"smtpConfig.smtp_port": 465})
+    restored = fixed.poll()
+    assert [e.kind for e in restored.events] == ["baseline_restored"]
+    assert fixed.queries.targets()[0].drift is False
+    assert rig.count(snapshots) == 1, "the configuration itself never changed"
+    stricter.engine.dispose()
+    fixed.engine.dispose()
+
+
+def test_a_change_during_a_database_outage_keeps_its_own_time(
+    postgres_url: str, simulator: SimulatedGenAuth, clock: FakeClock
+) -> None:
+    simulator.set_data(copy.deepcopy(CONFIG))
+    rig = Rig(postgres_url, simulator, clock)
+    rig.poll()
+    name = rig.engine.url.database
+    admin = create_engine(rig.engine.url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+        c.execute(
+            text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+        )
+    try:
+        _set(simulator, "enabled", False)
+        changed_at = rig.clock.now + timedelta(seconds=60)
+        for _ in range(5):
+            assert not rig.poll().stored
+        last_at = rig.clock.now
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+    rig.poll()
+    newest = rig.queries.snapshots(target="prod")[0]
+    assert newest.first_seen_at == changed_at, "dated when first seen, not when written"
+    assert newest.seen_count == 6 and newest.last_seen_at == rig.clock.now > last_at
+    [disabled] = rig.queries.events(target="prod", kinds=("provider_disabled",))
+    assert disabled.at == changed_at
+    assert rig.queries.at("prod", changed_at + timedelta(seconds=1)).enabled is False  # type: ignore[union-attr]
+    rig.engine.dispose()
+    admin.dispose()

@@ -11,6 +11,7 @@ from monitor.core.diff import Change, diff, flatten, get_path, same_document
 from monitor.core.redact import FINGERPRINT_PREFIX, fingerprint, is_secret_key, redact
 from monitor.core.rules import (
     EventDraft,
+    baseline_events,
     baseline_mismatches,
     failure_events,
     path_matches,
@@ -22,6 +23,7 @@ __all__ = [
     "FINGERPRINT_PREFIX",
     "Change",
     "EventDraft",
+    "baseline_events",
     "baseline_mismatches",
     "canonical_json",
     "diff",

@@ -21,6 +21,7 @@ __all__ = [
     "EventDraft",
     "Severity",
     "Status",
+    "baseline_events",
     "baseline_mismatches",
     "failure_events",
     "path_matches",
@@ -96,7 +97,6 @@ def snapshot_events(
     was_drifting: bool,
 ) -> list[EventDraft]:
     """Events raised by a new snapshot ``current`` following ``previous`` (``None`` at first)."""
-    drift = baseline_mismatches(current, expect)
     if previous is None:
         events = [_first_seen(target, current)]
         if current.get("enabled") is False:
@@ -104,9 +104,21 @@ def snapshot_events(
             events.append(_change_event(target, "provider_disabled", (change,)))
     else:
         events = _change_events(target, previous, current)
+    return events + baseline_events(
+        target=target, current=current, expect=expect, was_drifting=was_drifting
+    )
+
+
+def baseline_events(
+    *, target: str, current: Any, expect: Mapping[str, Any], was_drifting: bool
+) -> list[EventDraft]:
+    """``baseline_drift`` when ``current`` starts to differ from ``expect``,
+    ``baseline_restored`` when it stops; called for every snapshot and also when only the
+    baseline itself changed (a new ``expect`` after a restart)."""
+    drift = baseline_mismatches(current, expect)
     if drift and not was_drifting:
         paths = ", ".join(change.path for change in drift)
-        events.append(
+        return [
             EventDraft(
                 "baseline_drift",
                 "critical",
@@ -114,17 +126,17 @@ def snapshot_events(
                 f"{target}: configuration differs from the expected baseline at {paths}",
                 tuple(drift),
             )
-        )
-    elif was_drifting and not drift:
-        events.append(
+        ]
+    if was_drifting and not drift:
+        return [
             EventDraft(
                 "baseline_restored",
                 "info",
                 "resolved",
                 f"{target}: configuration matches the expected baseline again",
             )
-        )
-    return events
+        ]
+    return []
 
 
 def failure_events(*, target: str, failures: int, threshold: int, reason: str) -> list[EventDraft]:

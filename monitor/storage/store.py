@@ -28,11 +28,15 @@ from monitor.storage.schema import (
     targets,
 )
 
-__all__ = ["FailureRecord", "NewSnapshot", "Store", "TargetState"]
+__all__ = ["FailureRecord", "NewSnapshot", "StaleStateError", "Store", "TargetState"]
 
 log = logging.getLogger("monitor.storage")
 
 T = TypeVar("T")
+
+
+class StaleStateError(Exception):
+    """The target's current snapshot in the database is not the one the writer assumed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +87,16 @@ _SEEN_AGAIN = (
         seen_count=snapshots.c.seen_count + bindparam("p_times", type_=Integer()),
     )
 )
+# Guarded by the snapshot this writer believes current: another process (a `check` beside
+# the daemon) may have recorded a change since, and then this writer must look again.
 _SUCCEEDED = (
     update(poll_state)
-    .where(poll_state.c.target_id == bindparam("p_target"))
+    .where(
+        poll_state.c.target_id == bindparam("p_target"),
+        poll_state.c.current_snapshot_id.is_not_distinct_from(
+            bindparam("p_snapshot", type_=Integer())
+        ),
+    )
     .values(
         up=True,
         consecutive_failures=0,
@@ -95,10 +106,11 @@ _SUCCEEDED = (
 )
 
 _SEEN_AGAIN_PG = text(
-    "WITH seen AS (UPDATE snapshots SET last_seen_at = :p_now,"
-    " seen_count = seen_count + :p_times WHERE id = :p_snapshot)"
-    " UPDATE poll_state SET up = true, consecutive_failures = 0,"
-    " last_attempt_at = :p_now, last_success_at = :p_now WHERE target_id = :p_target"
+    "WITH state AS (UPDATE poll_state SET up = true, consecutive_failures = 0,"
+    " last_attempt_at = :p_now, last_success_at = :p_now"
+    " WHERE target_id = :p_target AND current_snapshot_id = :p_snapshot RETURNING 1)"
+    " UPDATE snapshots SET last_seen_at = :p_now, seen_count = seen_count + :p_times"
+    " WHERE id = :p_snapshot AND EXISTS (SELECT 1 FROM state)"
 ).bindparams(
     bindparam("p_now", type_=UTCDateTime()),
     bindparam("p_times", type_=Integer()),
@@ -149,20 +161,35 @@ class Store:
         *,
         now: datetime,
         times: int = 1,
+        drift: bool | None = None,
         events_: Sequence[EventDraft] = (),
     ) -> TargetState:
-        """Successful polls (``times`` of them) that saw the current snapshot again: no new row."""
-        after = replace(state, up=True, consecutive_failures=0, last_success_at=now)
-        if self._single_statement and not events_ and state.snapshot_id is not None:
+        """Successful polls (``times`` of them) that saw the current snapshot again: no new row.
+        ``drift`` updates the snapshot's baseline verdict when the baseline itself changed."""
+        drift = state.drift if drift is None else drift
+        after = replace(state, up=True, consecutive_failures=0, last_success_at=now, drift=drift)
+        fast = not events_ and drift == state.drift and state.snapshot_id is not None
+        if self._single_statement and fast:
             self._seen_again_at_once(state, now, times)
             return after
 
         def work(connection: Connection) -> TargetState:
+            guarded = connection.execute(
+                _SUCCEEDED,
+                {"p_target": state.target_id, "p_now": now, "p_snapshot": state.snapshot_id},
+            )
+            if guarded.rowcount != 1:
+                raise StaleStateError(state.name)
             if state.snapshot_id is not None:
                 connection.execute(
                     _SEEN_AGAIN, {"p_snapshot": state.snapshot_id, "p_now": now, "p_times": times}
                 )
-            connection.execute(_SUCCEEDED, {"p_target": state.target_id, "p_now": now})
+                if drift != state.drift:
+                    connection.execute(
+                        update(snapshots)
+                        .where(snapshots.c.id == state.snapshot_id)
+                        .values(drift=drift)
+                    )
             self._insert_events(connection, state, events_, now, state.hash, state.hash)
             return after
 
@@ -173,7 +200,7 @@ class Store:
         # atomic and costs one round trip instead of BEGIN, two UPDATEs and COMMIT.
         try:
             with self._autocommit.connect() as connection:
-                connection.execute(
+                result = connection.execute(
                     _SEEN_AGAIN_PG,
                     {
                         "p_snapshot": state.snapshot_id,
@@ -184,6 +211,8 @@ class Store:
                 )
         except SQLAlchemyError as exc:
             raise StorageError(describe_error(exc)) from None
+        if result.rowcount != 1:
+            raise StaleStateError(state.name)
 
     def record_snapshot(
         self,
@@ -192,10 +221,25 @@ class Store:
         *,
         now: datetime,
         events_: Sequence[EventDraft],
+        last_seen: datetime | None = None,
+        times: int = 1,
     ) -> TargetState:
-        """A successful poll that saw a new configuration: a new snapshot row and its events."""
+        """A successful poll that saw a new configuration: a new snapshot row and its events.
+        ``now`` is when it was first seen (the change's time); ``last_seen`` and ``times``
+        cover sightings collapsed while the database was away."""
+        last = last_seen or now
 
         def work(connection: Connection) -> TargetState:
+            guarded = connection.execute(
+                update(poll_state)
+                .where(
+                    poll_state.c.target_id == state.target_id,
+                    poll_state.c.current_snapshot_id.is_not_distinct_from(state.snapshot_id),
+                )
+                .values(last_attempt_at=last)
+            )
+            if guarded.rowcount != 1:
+                raise StaleStateError(state.name)
             values = {
                 "target_id": state.target_id,
                 "hash": snapshot.hash,
@@ -204,8 +248,8 @@ class Store:
                 "provider_type": snapshot.provider_type,
                 "drift": snapshot.drift,
                 "first_seen_at": now,
-                "last_seen_at": now,
-                "seen_count": 1,
+                "last_seen_at": last,
+                "seen_count": times,
             }
             snapshot_id = connection.execute(
                 insert(snapshots).values(values).returning(snapshots.c.id)
@@ -214,7 +258,7 @@ class Store:
             self._mark_success(
                 connection,
                 state.target_id,
-                now,
+                last,
                 current_snapshot_id=snapshot_id,
                 last_change_at=now,
             )
@@ -229,7 +273,7 @@ class Store:
                 drift=snapshot.drift,
                 up=True,
                 consecutive_failures=0,
-                last_success_at=now,
+                last_success_at=last,
                 last_change_at=now,
             )
 
