@@ -61,6 +61,13 @@ def test_chain_backfill_of_rows_written_before_it(db_url: str) -> None:
                 ),
                 {"i": i + 1, "h": f"sha256:{i:064d}", "t": at},
             )
+        # A poll state pointing at a snapshot: SQLite's table rebuild must not trip over it.
+        c.execute(
+            text(
+                "INSERT INTO poll_state (target_id, current_snapshot_id, consecutive_failures)"
+                " VALUES (1, 3, 0)"
+            )
+        )
     upgrade(engine)
     report = verify_chain(engine)
     assert report.intact and report.rows == 6, report.describe()

@@ -106,8 +106,27 @@ def alembic_config(connection: Connection) -> Config:
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Migrate the database to ``revision``; running it again changes nothing."""
+    sqlite = engine.dialect.name == "sqlite"
     try:
-        with engine.begin() as connection:
-            command.upgrade(alembic_config(connection), revision)
+        with engine.connect() as connection:
+            if sqlite:
+                # SQLite alters a table by rebuilding it; with foreign keys on, rows that point
+                # at the table being rebuilt would fail it. The pragma only works outside a
+                # transaction, so it goes to the driver before SQLAlchemy begins one.
+                _driver_pragma(connection, "foreign_keys = OFF")
+            try:
+                with connection.begin():
+                    command.upgrade(alembic_config(connection), revision)
+                    if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first():
+                        raise StorageError("migration left rows with broken references")
+            finally:
+                if sqlite:
+                    _driver_pragma(connection, "foreign_keys = ON")
     except SQLAlchemyError as exc:
         raise StorageError("migration failed: " + describe_error(exc)) from None
+
+
+def _driver_pragma(connection: Connection, pragma: str) -> None:
+    raw = connection.connection.driver_connection
+    assert raw is not None
+    raw.execute(f"PRAGMA {pragma}")
