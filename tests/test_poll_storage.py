@@ -413,3 +413,16 @@ def test_a_change_during_a_database_outage_keeps_its_own_time(
     assert rig.queries.at("prod", changed_at + timedelta(seconds=1)).enabled is False  # type: ignore[union-attr]
     rig.engine.dispose()
     admin.dispose()
+
+
+def test_a_success_ends_a_run_of_failures(rig: Rig) -> None:
+    rig.poll()
+    for _ in range(2):
+        rig.sim.set_fault("http_502_html")
+        rig.poll()
+        rig.poll()
+        rig.sim.set_fault(None)
+        rig.poll()
+    with rig.engine.connect() as connection:
+        counts = connection.execute(select(poll_errors.c.count).order_by(poll_errors.c.id))
+        assert list(counts.scalars()) == [2, 2]

@@ -306,7 +306,7 @@ class Store:
                     last_error_at=now,
                 )
             )
-            self._append_error(connection, state.target_id, failure, now)
+            self._append_error(connection, state, failure, now)
             self._insert_events(connection, state, events_, now, state.hash, state.hash)
             return replace(state, up=False, consecutive_failures=failures)
 
@@ -390,8 +390,11 @@ class Store:
 
     @staticmethod
     def _append_error(
-        connection: Connection, target_id: int, failure: FailureRecord, now: datetime
+        connection: Connection, state: TargetState, failure: FailureRecord, now: datetime
     ) -> None:
+        """Extend the open run of identical failures, or start a new run (after a success, or
+        when the failure differs)."""
+        target_id = state.target_id
         last = connection.execute(
             select(poll_errors)
             .where(poll_errors.c.target_id == target_id)
@@ -404,7 +407,12 @@ class Store:
             last.api_code,
             last.message,
         ) == (failure.reason, failure.http_status, failure.api_code, failure.message)
-        if last is not None and same:
+        succeeded_since = (
+            last is not None
+            and state.last_success_at is not None
+            and state.last_success_at > last.last_at
+        )
+        if last is not None and same and not succeeded_since:
             connection.execute(
                 update(poll_errors)
                 .where(poll_errors.c.id == last.id)
