@@ -426,3 +426,14 @@ def test_a_success_ends_a_run_of_failures(rig: Rig) -> None:
     with rig.engine.connect() as connection:
         counts = connection.execute(select(poll_errors.c.count).order_by(poll_errors.c.id))
         assert list(counts.scalars()) == [2, 2]
+
+
+def test_a_new_baseline_keeps_the_audit_chain_intact(rig: Rig) -> None:
+    from monitor.storage.chain import verify_chain
+
+    rig.poll()
+    stricter = Rig(rig.url, rig.sim, rig.clock, expect={"smtpConfig.smtp_port": 587})
+    assert [e.kind for e in stricter.poll().events] == ["baseline_drift"]
+    report = verify_chain(rig.engine)
+    assert report.intact, report.describe()
+    stricter.engine.dispose()

@@ -5,7 +5,8 @@ immutable fields and its position ``chain_seq``. Editing a row, swapping two row
 one breaks the chain from that row on; the ``chain_head`` row holds the last sequence number
 and hash, so cutting rows off the end shows too (and the head is logged at each change, so an
 outside record can prove the tail). ``last_seen_at`` and ``seen_count`` of a snapshot are
-updated by every poll and are therefore outside the chain.
+updated by every poll, and ``drift`` is the verdict against a baseline the operator may change
+later (it is updated when the baseline changes); they are therefore outside the chain.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ def snapshot_content(row: RowMapping | dict[str, Any]) -> dict[str, Any]:
         "document": json.loads(row["document"]),
         "enabled": bool(row["enabled"]),
         "provider_type": row["provider_type"],
-        "drift": bool(row["drift"]),
         "first_seen_at": format_time(row["first_seen_at"]),
     }
 
