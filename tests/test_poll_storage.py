@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -251,28 +252,31 @@ def test_no_secret_reaches_the_database(rig: Rig) -> None:
     assert "hmac-sha256:" in blob
 
 
+@contextmanager
+def _database_outage(engine: Any) -> Iterator[None]:
+    """The rig's PostgreSQL database refuses connections (existing ones are cut) inside."""
+    name = engine.url.database
+    admin = create_engine(engine.url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+        connection.execute(
+            text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+        )
+    try:
+        yield
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+        admin.dispose()
+
+
 def test_database_outage_loses_nothing(
     postgres_url: str, simulator: SimulatedGenAuth, clock: FakeClock
 ) -> None:
     simulator.set_data(copy.deepcopy(CONFIG))
     rig = Rig(postgres_url, simulator, clock)
     rig.poll()
-    name = rig.engine.url.database
-    admin = create_engine(rig.engine.url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-
-    def outage(on: bool) -> None:
-        with admin.connect() as connection:
-            connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {not on}'))
-            if on:
-                connection.execute(
-                    text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        f"WHERE datname = '{name}'"
-                    )
-                )
-
-    outage(True)
-    try:
+    with _database_outage(rig.engine):
         _set(simulator, "smtpConfig.smtp_host", "smtp.during-outage.example")
         during = rig.poll()
         assert during.ok and not during.stored
@@ -280,15 +284,12 @@ def test_database_outage_loses_nothing(
         assert not rig.store.ping()
         _set(simulator, "enabled", False)
         assert not rig.poll().stored
-    finally:
-        outage(False)
     after = rig.poll()
     assert after.stored
     kinds = [e.kind for e in rig.queries.events(target="prod")]
     assert kinds[:2] == ["provider_disabled", "delivery_changed"], kinds
     assert rig.count(snapshots) == 3
     rig.engine.dispose()
-    admin.dispose()
 
 
 def test_a_number_turning_into_a_bool_is_a_change(rig: Rig) -> None:
@@ -388,22 +389,12 @@ def test_a_change_during_a_database_outage_keeps_its_own_time(
     simulator.set_data(copy.deepcopy(CONFIG))
     rig = Rig(postgres_url, simulator, clock)
     rig.poll()
-    name = rig.engine.url.database
-    admin = create_engine(rig.engine.url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
-        c.execute(
-            text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
-        )
-    try:
+    with _database_outage(rig.engine):
         _set(simulator, "enabled", False)
         changed_at = rig.clock.now + timedelta(seconds=60)
         for _ in range(5):
             assert not rig.poll().stored
         last_at = rig.clock.now
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
     rig.poll()
     newest = rig.queries.snapshots(target="prod")[0]
     assert newest.first_seen_at == changed_at, "dated when first seen, not when written"
@@ -412,7 +403,6 @@ def test_a_change_during_a_database_outage_keeps_its_own_time(
     assert disabled.at == changed_at
     assert rig.queries.at("prod", changed_at + timedelta(seconds=1)).enabled is False  # type: ignore[union-attr]
     rig.engine.dispose()
-    admin.dispose()
 
 
 def test_a_success_ends_a_run_of_failures(rig: Rig) -> None:
