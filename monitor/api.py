@@ -30,7 +30,7 @@ from monitor.core import diff
 from monitor.core.rules import EVENT_KINDS
 from monitor.errors import StorageError
 from monitor.storage import Queries
-from monitor.storage.queries import decode_cursor
+from monitor.storage.queries import AmbiguousReference, decode_cursor
 from monitor.timeutil import Clock, parse_time
 
 __all__ = ["MAX_LIMIT", "create_app"]
@@ -112,6 +112,10 @@ def create_app(
     @app.exception_handler(_BadParameter)
     async def _bad(_: Request, exc: _BadParameter) -> JSONResponse:
         return JSONResponse({"error": f"bad parameter {exc.name}: {exc.problem}"}, 400)
+
+    @app.exception_handler(AmbiguousReference)
+    async def _ambiguous(_: Request, exc: AmbiguousReference) -> JSONResponse:
+        return JSONResponse({"error": f"bad parameter: {exc}; give more of the hash"}, 400)
 
     @app.exception_handler(StorageError)
     async def _storage(_: Request, exc: StorageError) -> JSONResponse:
@@ -203,7 +207,7 @@ def create_app(
         "/api/v1/snapshots/{ref}",
         dependencies=v1,
         response_model=SnapshotDocumentOut,
-        responses=_errors(401, 404, 503),
+        responses=_errors(400, 401, 404, 503),
     )
     def get_snapshot(ref: str) -> dict[str, Any]:
         found = queries.snapshot(ref)

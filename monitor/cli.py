@@ -23,7 +23,7 @@ from monitor.errors import ConfigError, MonitorError, StorageError
 from monitor.logs import setup_logging
 from monitor.storage import Queries, create_store_engine, upgrade
 from monitor.storage.outbox import Outbox
-from monitor.storage.queries import EventView, SnapshotView
+from monitor.storage.queries import AmbiguousReference, EventView, SnapshotView
 from monitor.timeutil import format_time, parse_time, utc_now
 
 __all__ = ["main"]
@@ -424,7 +424,10 @@ def _snapshot_row(row: SnapshotView) -> list[str]:
 
 
 def _lookup(queries: Queries, ref: str) -> SnapshotView:
-    found = queries.snapshot(ref)
+    try:
+        found = queries.snapshot(ref)
+    except AmbiguousReference as exc:
+        raise UsageError(f"{exc}; give more of the hash") from None
     if found is None:
         raise _Unknown(f"unknown snapshot {ref!r}")
     return found

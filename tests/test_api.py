@@ -182,3 +182,29 @@ def test_openapi_schema_lists_the_endpoints(api: Api) -> None:
         "/metrics",
     ]:
         assert path in schema["paths"], path
+
+
+def test_an_ambiguous_hash_prefix_is_refused(api: Api) -> None:
+    from sqlalchemy import insert
+
+    from monitor.storage.schema import snapshots
+
+    api.poll_with()  # creates target 1, prod
+    with api.runtime.store.engine.begin() as connection:
+        for tail in ("1", "2"):
+            connection.execute(
+                insert(snapshots).values(
+                    target_id=1,
+                    hash="sha256:abcdef" + tail * 58,
+                    document="{}",
+                    enabled=True,
+                    provider_type=None,
+                    drift=False,
+                    first_seen_at=api.clock.now,
+                    last_seen_at=api.clock.now,
+                    seen_count=1,
+                )
+            )
+    answer = api.get("/api/v1/snapshots/abcdef")
+    assert answer.status_code == 400 and "several" in answer.json()["error"]
+    assert api.get("/api/v1/snapshots/abcdef1").status_code == 200

@@ -18,6 +18,7 @@ from monitor.storage.schema import events, poll_state, snapshots, targets
 from monitor.timeutil import format_time, parse_time_strict
 
 __all__ = [
+    "AmbiguousReference",
     "EventView",
     "Queries",
     "SnapshotView",
@@ -141,6 +142,10 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
         raise ValueError("not a valid cursor") from exc
 
 
+class AmbiguousReference(ValueError):
+    """A hash prefix that more than one snapshot hash starts with."""
+
+
 class Queries:
     """Read-only questions about the recorded history."""
 
@@ -196,7 +201,8 @@ class Queries:
             return [_snapshot_view(row._mapping) for row in rows]
 
     def snapshot(self, ref: str) -> SnapshotView | None:
-        """A snapshot by numeric id, full hash or unique hash prefix (newest row of that hash)."""
+        """A snapshot by numeric id, full hash or unique hash prefix (newest row of that hash).
+        A prefix shared by several hashes raises AmbiguousReference."""
         query = _snapshot_select()
         if ref.isascii() and ref.isdigit() and len(ref) < 12:
             query = query.where(snapshots.c.id == int(ref))
@@ -208,11 +214,21 @@ class Queries:
             if len(digits) == 64:
                 query = query.where(snapshots.c.hash == "sha256:" + digits)
             else:
-                query = query.where(snapshots.c.hash.startswith("sha256:" + digits))
+                prefix = snapshots.c.hash.startswith("sha256:" + digits)
+                self._require_unique(prefix, ref)
+                query = query.where(prefix)
         query = query.order_by(snapshots.c.id.desc()).limit(1)
         with self._connect() as connection:
             row = connection.execute(query).first()
             return _snapshot_view(row._mapping) if row is not None else None
+
+    def _require_unique(self, condition: Any, ref: str) -> None:
+        with self._connect() as connection:
+            found = connection.execute(
+                select(snapshots.c.hash).where(condition).distinct().limit(2)
+            ).all()
+        if len(found) > 1:
+            raise AmbiguousReference(f"{ref!r} is the start of several snapshot hashes")
 
     def at(self, target: str, when: datetime) -> SnapshotView | None:
         """The snapshot in force for ``target`` at ``when``: greatest first_seen_at <= when."""
