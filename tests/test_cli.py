@@ -206,3 +206,20 @@ def test_unreachable_database_is_not_drift(
     assert shown.returncode == 0
     for out in (checked, shown):
         assert "Db-Pass-In-Query" not in out.stdout + out.stderr
+
+
+def test_fingerprint_key_file_is_made_once_private_and_reused(
+    tmp_path: Path, sim: SimulatedGenAuth, env: dict[str, str]
+) -> None:
+    import stat
+
+    config = write_config(tmp_path, sim)
+    assert run_cli("check", "-c", str(config), "--json", env=env).returncode == 0
+    key_file = tmp_path / "monitor.db.fingerprint-key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key = key_file.read_text()
+    first = json.loads(run_cli("snapshots", "-c", str(config), "--json", env=env).stdout)
+    assert run_cli("check", "-c", str(config), env=env).returncode == 0
+    assert key_file.read_text() == key, "reused, not replaced"
+    again = json.loads(run_cli("snapshots", "-c", str(config), "--json", env=env).stdout)
+    assert len(again) == 1 and again[0]["hash"] == first[0]["hash"], "same key, same hash"
