@@ -204,15 +204,15 @@ def create_app(
         return _page("snapshots", rows, limit)
 
     @app.get(
-        "/api/v1/snapshots/{ref}",
+        "/api/v1/snapshots/{hash}",
         dependencies=v1,
         response_model=SnapshotDocumentOut,
         responses=_errors(400, 401, 404, 503),
     )
-    def get_snapshot(ref: str) -> dict[str, Any]:
-        found = queries.snapshot(ref)
+    def get_snapshot(hash: str) -> dict[str, Any]:  # the parameter name SPEC §8 gives
+        found = queries.snapshot(hash)
         if found is None:
-            raise HTTPException(404, f"unknown snapshot {ref!r}")
+            raise HTTPException(404, f"unknown snapshot {hash!r}")
         return found.as_dict(with_document=True)
 
     @app.get(

@@ -173,7 +173,7 @@ def test_openapi_schema_lists_the_endpoints(api: Api) -> None:
     for path in [
         "/api/v1/targets",
         "/api/v1/targets/{name}/snapshots",
-        "/api/v1/snapshots/{ref}",
+        "/api/v1/snapshots/{hash}",
         "/api/v1/targets/{name}/at",
         "/api/v1/events",
         "/api/v1/diff",

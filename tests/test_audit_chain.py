@@ -151,3 +151,33 @@ def test_verify_command_exit_codes(tmp_path: object) -> None:
     assert unreadable.returncode == 3, unreadable.stdout + unreadable.stderr
     assert "cannot verify" in unreadable.stderr and "Traceback" not in unreadable.stderr
     engine.dispose()
+
+
+def test_verify_still_runs_on_a_database_whose_rows_were_deleted(tmp_path: object) -> None:
+    """Deleting events leaves their outbox rows dangling; that must not stop `verify`."""
+    from pathlib import Path
+
+    from monitor.core.alerting import SinkRoute
+    from tests.helpers import run_cli
+
+    base = Path(str(tmp_path))
+    db = base / "cut.db"
+    engine = create_store_engine(f"sqlite:///{db}")
+    upgrade(engine)
+    store = Store(engine, routes=[SinkRoute("hook")])
+    _history(store, "prod", 3)
+    last = _ids(engine)[-1]
+    engine.dispose()
+    import sqlite3
+
+    with sqlite3.connect(db) as raw:  # as a tamperer would: the sqlite3 shell, no FK checks
+        raw.execute(f"DELETE FROM events WHERE id = {last}")
+    config = base / "c.toml"
+    config.write_text(
+        f'[storage]\nurl = "sqlite:///{db}"\n[[targets]]\nname = "prod"\n'
+        'access_key_id = "x"\naccess_key_secret = "y"\n'
+    )
+    cut = run_cli("verify", "-c", str(config))
+    assert cut.returncode == 1, cut.stdout + cut.stderr
+    assert "at the end were deleted" in cut.stdout
+    engine.dispose()
