@@ -337,3 +337,25 @@ def test_repeat_interval_resends_a_still_firing_critical_alert(
             "provider_enabled",
         ]
         runtime.store.engine.dispose()
+
+
+def test_check_gives_up_on_a_dead_sink_with_a_queue_behind_it(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """Newer rows due earlier than the failing head must not make `check` spin forever."""
+    import time
+
+    with SimulatedGenAuth(access_key_id="dead-pool", access_key_secret=SECRET) as sim:
+        config = write_config(
+            tmp_path, sim, extra=f'[[sinks]]\ntype = "webhook"\nurl = "{receiver.url}"\n'
+        )
+        env = {"GM_TEST_SECRET": SECRET, "GM_TEST_API_TOKEN": "t"}
+        receiver.status = 503
+        for enabled in (False, True, False):
+            data = sim.data
+            data["enabled"] = enabled
+            sim.set_data(data)
+            started = time.monotonic()
+            result = run_cli("check", "-c", str(config), "--delivery-timeout", "1", env=env)
+            assert time.monotonic() - started < 20
+            assert "still pending" in result.stderr

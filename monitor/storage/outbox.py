@@ -90,13 +90,20 @@ class Outbox:
             return int(count)
 
     def next_due(self, sinks: Collection[str]) -> datetime | None:
+        """When the next delivery attempt is due: the earliest *head* of a sink's queue (rows
+        behind a sink's oldest wait for it, whatever their own time says)."""
+        heads = []
         with self._connect() as c:
-            value: datetime | None = c.execute(
-                select(func.min(outbox.c.next_attempt_at)).where(
-                    outbox.c.status == "pending", outbox.c.sink.in_(list(sinks))
-                )
-            ).scalar()
-        return value
+            for sink in sinks:
+                head = c.execute(
+                    select(outbox.c.next_attempt_at)
+                    .where(outbox.c.status == "pending", outbox.c.sink == sink)
+                    .order_by(outbox.c.id)
+                    .limit(1)
+                ).scalar()
+                if head is not None:
+                    heads.append(head)
+        return min(heads, default=None)
 
     def routed(self, sink: str, event_ids: Collection[int]) -> set[int]:
         """Which of these events were ever queued for ``sink``."""
