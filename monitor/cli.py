@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from monitor import __version__
 from monitor.config import Settings, default_config_path, load_settings, summary
 from monitor.core import diff
+from monitor.core.rules import EVENT_KINDS
 from monitor.errors import ConfigError, MonitorError, StorageError
 from monitor.logs import setup_logging
 from monitor.storage import Queries, create_store_engine, upgrade
@@ -71,20 +73,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- parser ---------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """-c and the log options, accepted before and after the command. After it they default
+    to SUPPRESS, so an absent one does not overwrite what was given before the command."""
+
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument(
         "-c",
         "--config",
         type=Path,
+        default=default(None),
         help="config file (default: $GENAUTH_MONITOR_CONFIG, then ./genauth-monitor.toml)",
     )
-    common.add_argument("--log-format", choices=("text", "json"), default="text")
-    common.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--log-format", choices=("text", "json"), default=default("text"))
+    parser.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), default=default(None)
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, defaults=False)
     parser = argparse.ArgumentParser(
         prog="genauth-monitor",
         description="Watch GenAuth email provider settings for drift; keep an audit history.",
     )
+    _global_options(parser, defaults=True)
     parser.add_argument("--version", action="version", version=f"genauth-monitor {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
@@ -260,6 +276,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         # Not a verdict on the provider: "could not check" is the poll-failed code, never 1.
         print(f"genauth-monitor: cannot record the check: {exc}", file=sys.stderr)
         return EXIT_POLL_FAILED
+    started = utc_now()
     results = [
         poller.poll() for name, poller in runtime.pollers.items() if args.target in (None, name)
     ]
@@ -284,9 +301,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
                 "request_id": error.request_id,
             }
         entry["recorded"] = result.stored
-        entry["events"] = [
-            {"kind": e.kind, "severity": e.severity, "message": e.message} for e in result.events
-        ]
+        entry["events"] = _check_events(runtime.queries, result, since=started)
         report.append(entry)
     code = _check_exit_code(report)
     left = runtime.delivery.drain(timeout=args.delivery_timeout) if settings.sinks else 0
@@ -304,6 +319,17 @@ def _cmd_check(args: argparse.Namespace) -> int:
             for event in entry["events"]:
                 print(f"    {event['severity']}: {event['message']}")
     return code
+
+
+def _check_events(queries: Queries, result: Any, *, since: datetime) -> list[dict[str, Any]]:
+    """The events this check recorded, as the event JSON of SPEC §4 (oldest first); only
+    kind, severity and message when the database did not take them."""
+    if not result.events:
+        return []
+    if result.stored:
+        rows = queries.events(target=result.target, since=since, limit=len(result.events))
+        return [row.as_dict() for row in reversed(rows)]
+    return [{"kind": e.kind, "severity": e.severity, "message": e.message} for e in result.events]
 
 
 def _check_exit_code(report: list[dict[str, Any]]) -> int:
@@ -332,6 +358,9 @@ def _cmd_history(args: argparse.Namespace) -> int:
     queries = _queries(settings)
     _known_target(settings, queries, args.target)
     kinds = tuple(k for value in args.kind or () for k in value.split(",") if k)
+    unknown = [k for k in kinds if k not in EVENT_KINDS]
+    if unknown:
+        raise UsageError(f"--kind: unknown event kind {unknown[0]!r}")
     rows = queries.events(
         target=args.target,
         kinds=kinds,

@@ -78,7 +78,20 @@ def test_check_exit_codes_and_json(
     [target] = report["targets"]
     assert target["ok"] and target["enabled"] is True and target["drift"] is False
     assert target["hash"].startswith("sha256:")
-    assert [e["kind"] for e in target["events"]] == ["first_seen"]
+    [event] = target["events"]
+    assert event["kind"] == "first_seen"
+    assert set(event) == {
+        "id",
+        "target",
+        "kind",
+        "severity",
+        "status",
+        "at",
+        "snapshot",
+        "previous",
+        "changes",
+        "message",
+    }, "the event JSON of SPEC §4"
 
     data = sim.data
     data["enabled"] = False
@@ -127,6 +140,9 @@ def test_history_and_audit_commands(
     }
     [change] = events[0]["changes"]
     assert change["path"] == "smtpConfig.smtp_host" and change["new"] == "smtp.changed.example"
+    assert run_cli("history", *c, "--kind", "bogus", env=env).returncode == 2
+    before = run_cli("-c", str(config), "history", "--json", env=env)
+    assert before.returncode == 0 and json.loads(before.stdout) == events, "-c before the command"
     only = json.loads(run_cli("history", *c, "--json", "--kind", "first_seen", env=env).stdout)
     assert [e["kind"] for e in only] == ["first_seen"]
     table = run_cli("history", *c, env=env)
