@@ -16,6 +16,19 @@ import requests
 from monitor.simulator import SimulatedGenAuth
 
 CLI = [sys.executable, "-m", "monitor"]
+# The event JSON of SPEC §4 (webhook body, API, CLI --json).
+EVENT_FIELDS = {
+    "id",
+    "target",
+    "kind",
+    "severity",
+    "status",
+    "at",
+    "snapshot",
+    "previous",
+    "changes",
+    "message",
+}
 
 
 def free_port() -> int:

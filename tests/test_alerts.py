@@ -17,7 +17,7 @@ import pytest
 from monitor.alerts.slack import slack_message
 from monitor.app import Runtime, build_runtime
 from monitor.simulator import SimulatedGenAuth
-from tests.helpers import CLI, run_cli, runtime_settings, wait_for, write_config
+from tests.helpers import CLI, EVENT_FIELDS, run_cli, runtime_settings, wait_for, write_config
 from tests.receiver import Receiver
 
 SECRET = "Alert-Access-Secret-123"
@@ -78,18 +78,7 @@ def test_webhook_keeps_alerts_through_outages_and_signs(
         assert worker.drain(timeout=5) == 0
         [first] = receiver.bodies()
         assert first["kind"] == "first_seen" and first["target"] == "prod"
-        assert set(first) == {
-            "id",
-            "target",
-            "kind",
-            "severity",
-            "status",
-            "at",
-            "snapshot",
-            "previous",
-            "changes",
-            "message",
-        }
+        assert set(first) == EVENT_FIELDS
         raw = receiver.requests[0]
         expected = (
             "sha256=" + hmac.new(HOOK_SECRET.encode(), raw["body"], hashlib.sha256).hexdigest()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from monitor.simulator import SimulatedGenAuth
-from tests.helpers import run_cli, write_config
+from tests.helpers import EVENT_FIELDS, run_cli, write_config
 
 SECRET = "Acc3ss-Key-Secret-For-CLI"
 
@@ -80,18 +80,7 @@ def test_check_exit_codes_and_json(
     assert target["hash"].startswith("sha256:")
     [event] = target["events"]
     assert event["kind"] == "first_seen"
-    assert set(event) == {
-        "id",
-        "target",
-        "kind",
-        "severity",
-        "status",
-        "at",
-        "snapshot",
-        "previous",
-        "changes",
-        "message",
-    }, "the event JSON of SPEC §4"
+    assert set(event) == EVENT_FIELDS, "the event JSON of SPEC §4"
 
     data = sim.data
     data["enabled"] = False
@@ -126,18 +115,7 @@ def test_history_and_audit_commands(
     assert history.returncode == 0
     events = json.loads(history.stdout)
     assert [e["kind"] for e in events] == ["delivery_changed", "first_seen"]
-    assert set(events[0]) >= {
-        "id",
-        "target",
-        "kind",
-        "severity",
-        "status",
-        "at",
-        "snapshot",
-        "previous",
-        "changes",
-        "message",
-    }
+    assert set(events[0]) >= EVENT_FIELDS
     [change] = events[0]["changes"]
     assert change["path"] == "smtpConfig.smtp_host" and change["new"] == "smtp.changed.example"
     assert run_cli("history", *c, "--kind", "bogus", env=env).returncode == 2
