@@ -188,13 +188,7 @@ class Queries:
         if until is not None:
             query = query.where(snapshots.c.first_seen_at <= until)
         if cursor is not None:
-            at, row_id = decode_cursor(cursor)
-            query = query.where(
-                or_(
-                    snapshots.c.first_seen_at < at,
-                    and_(snapshots.c.first_seen_at == at, snapshots.c.id < row_id),
-                )
-            )
+            query = query.where(_after(cursor, snapshots.c.first_seen_at, snapshots.c.id))
         query = query.order_by(snapshots.c.first_seen_at.desc(), snapshots.c.id.desc())
         with self._connect() as connection:
             rows = connection.execute(query.limit(limit))
@@ -266,16 +260,20 @@ class Queries:
         if until is not None:
             query = query.where(events.c.at <= until)
         if cursor is not None:
-            at, row_id = decode_cursor(cursor)
-            query = query.where(
-                or_(events.c.at < at, and_(events.c.at == at, events.c.id < row_id))
-            )
+            query = query.where(_after(cursor, events.c.at, events.c.id))
         query = query.order_by(events.c.at.desc(), events.c.id.desc()).limit(limit)
         with self._connect() as connection:
             return [event_view(row._mapping) for row in connection.execute(query)]
 
     def _connect(self) -> AbstractContextManager[Connection]:
         return connect(self.engine)
+
+
+def _after(cursor: str, at_column: Any, id_column: Any) -> Any:
+    """Rows after the cursor's row in (time, id) newest-first order: the keyset condition that
+    keeps pages stable while newer rows arrive."""
+    at, row_id = decode_cursor(cursor)
+    return or_(at_column < at, and_(at_column == at, id_column < row_id))
 
 
 def _snapshot_select() -> Select[Any]:

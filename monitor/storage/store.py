@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
@@ -18,7 +17,7 @@ from monitor.core import EventDraft
 from monitor.core.alerting import SinkRoute
 from monitor.errors import StorageError
 from monitor.storage import chain, outbox
-from monitor.storage.engine import WRITE, connect, describe_error
+from monitor.storage.engine import WRITE, describe_error
 from monitor.storage.schema import (
     UTCDateTime,
     events,
@@ -148,12 +147,6 @@ class Store:
     def ensure_target(self, name: str, *, now: datetime) -> TargetState:
         """The stored state of target ``name``, creating the target on first use."""
         return self._write(lambda c: self._ensure_target(c, name, now))
-
-    def load_states(self) -> list[TargetState]:
-        """The state of every known target (for gauges after a restart)."""
-        with self._read() as connection:
-            rows = connection.execute(select(targets.c.id, targets.c.name)).all()
-            return [self._load_state(connection, row.id, row.name) for row in rows]
 
     def record_unchanged(
         self,
@@ -313,9 +306,6 @@ class Store:
         return self._write(work)
 
     # -- internals -------------------------------------------------------------------------
-
-    def _read(self) -> AbstractContextManager[Connection]:
-        return connect(self.engine)
 
     def _write(self, work: Callable[[Connection], T]) -> T:
         try:
