@@ -110,7 +110,7 @@ class TargetPoller:
         self._clock = clock
         self._state: TargetState | None = None
         self._pending: deque[_Seen | _Failed] = deque(maxlen=MAX_PENDING)
-        self._last_answer: tuple[dict[str, Any], Any, str] | None = None
+        self._last_answer: tuple[dict[str, Any], Any, str, bool] | None = None
         self.failures_in_a_row = 0
 
     def restore(self, state: TargetState) -> None:
@@ -135,7 +135,7 @@ class TargetPoller:
         now = self._clock()
         try:
             data = self._fetcher.fetch_email_provider()
-            document, digest = self._redacted(data)
+            document, digest, drift = self._judged(data)
         except UpstreamError as error:
             return self._failed(error, now, started)
         except Exception as exc:
@@ -146,7 +146,6 @@ class TargetPoller:
                 f"get-email-provider: answer cannot be canonicalised ({type(exc).__name__})",
             )
             return self._failed(unusable, now, started)
-        drift = bool(baseline_mismatches(document, self._expect)) if self._expect else False
         self.failures_in_a_row = 0
         self._metrics.set_config(
             self.name,
@@ -161,8 +160,9 @@ class TargetPoller:
         self._metrics.observe_poll(self.name, "success", time.perf_counter() - started)
         return PollResult(self.name, True, digest, document, drift, events=events, stored=stored)
 
-    def _redacted(self, data: dict[str, Any]) -> tuple[Any, str]:
-        """The redacted document and its hash, reused while the upstream answers the same.
+    def _judged(self, data: dict[str, Any]) -> tuple[Any, str, bool]:
+        """The redacted document, its hash and its baseline verdict, reused while the upstream
+        answers the same.
 
         Redaction and JCS are most of a poll's own CPU; an unchanged answer (the common case)
         is recognised by a strict comparison with the previous raw answer instead. That answer
@@ -170,11 +170,12 @@ class TargetPoller:
         """
         last = self._last_answer
         if last is not None and same_document(data, last[0]):
-            return last[1], last[2]
+            return last[1], last[2], last[3]
         document = redact(data, self._key)
         digest = snapshot_hash(document)
-        self._last_answer = (data, document, digest)
-        return document, digest
+        drift = bool(baseline_mismatches(document, self._expect))
+        self._last_answer = (data, document, digest, drift)
+        return document, digest, drift
 
     def _failed(self, error: UpstreamError, now: datetime, started: float) -> PollResult:
         self.failures_in_a_row += 1
