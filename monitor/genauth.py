@@ -1,4 +1,4 @@
-"""The GenAuth (Authing V3) management API client: the only module that imports ``requests``.
+"""The GenAuth (Authing V3) management API client (HTTP through :mod:`monitor.httpio`).
 
 One call, :meth:`GenAuthClient.fetch_email_provider`, returns the ``data`` object of
 ``GET /api/v3/get-email-provider`` exactly as sent (unknown fields kept) or raises
@@ -6,12 +6,14 @@ One call, :meth:`GenAuthClient.fetch_email_provider`, returns the ``data`` objec
 
 ============== ====================================================================
 ``network``    no connection, connection reset or closed without an answer, TLS failure
-``timeout``    connect or read took longer than ``timeout``
+``timeout``    a request did not finish (connect, headers and body) within ``timeout``, or
+               the whole call within its deadline of twice ``timeout``
 ``http_status`` an HTTP status other than 2xx (and other than a 401 that a new token cures);
                ``retry_after`` is set from ``Retry-After`` when present
 ``api_error``  HTTP 2xx but the envelope's ``statusCode`` is not 200
 ``auth``       the credentials were refused, or a freshly issued token was refused too
-``invalid_response`` not JSON, no ``data``, ``data`` not an object, ``enabled`` not a bool,
+``invalid_response`` a body over ``max_response_bytes`` after decompression, not JSON, no
+               ``data``, ``data`` not an object, ``enabled`` not a bool,
                a known sub-config or ``type`` of the wrong type
 ============== ====================================================================
 
@@ -43,8 +45,17 @@ import requests
 
 from monitor import __version__
 from monitor.errors import UpstreamError
+from monitor.httpio import (
+    ACCEPT_ENCODING,
+    Answer,
+    HttpFailure,
+    bounded_request,
+    bounded_session,
+)
 
-__all__ = ["PROVIDER_PATH", "TOKEN_PATH", "GenAuthClient"]
+__all__ = ["DEFAULT_MAX_RESPONSE_BYTES", "PROVIDER_PATH", "TOKEN_PATH", "GenAuthClient"]
+
+DEFAULT_MAX_RESPONSE_BYTES: Final = 1024 * 1024
 
 TOKEN_PATH: Final = "/api/v3/get-management-token"
 PROVIDER_PATH: Final = "/api/v3/get-email-provider"
@@ -95,6 +106,7 @@ class GenAuthClient:
         access_key_secret: str,
         userpool_id: str | None = None,
         timeout: float = 10.0,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         session: requests.Session | None = None,
         clock: Callable[[], float] = time.monotonic,
         ca_bundle: str | None = None,
@@ -109,13 +121,12 @@ class GenAuthClient:
         self.access_key_id = access_key_id
         self.userpool_id = userpool_id
         self.timeout = timeout
+        self.max_response_bytes = max_response_bytes
         self._secret = access_key_secret
         self._token_url = base + TOKEN_PATH
         self._provider_url = base + PROVIDER_PATH
         self._owns_session = session is None
-        self._session = requests.Session() if session is None else session
-        if self._owns_session:
-            self._session.trust_env = False
+        self._session = bounded_session() if session is None else session
         # Proxies and the CA bundle come from the environment once, here: with trust_env
         # requests re-reads the environment and ~/.netrc on every call (a quarter of a poll's
         # CPU), and a ~/.netrc entry for the API host would replace the bearer token.
@@ -124,10 +135,16 @@ class GenAuthClient:
         self._clock = clock
         self._verify: bool | str = ca_bundle or env_ca or True
         self._user_agent = user_agent
-        self._token_headers = {"User-Agent": user_agent, "Accept": "application/json"}
+        self._token_headers = {
+            "User-Agent": user_agent,
+            "Accept": "application/json",
+            "Accept-Encoding": ACCEPT_ENCODING,
+            "Content-Type": "application/json",
+        }
         self._lock = threading.Lock()
-        # (request headers carrying the token, clock time after which it is refreshed)
-        self._auth: tuple[dict[str, str], float] | None = None
+        # (the prepared get-email-provider request carrying the token, clock time after which
+        # the token is refreshed): prepared once per token, sent as is by every poll.
+        self._auth: tuple[requests.PreparedRequest, float] | None = None
         self._token: str | None = None
 
     def __repr__(self) -> str:
@@ -154,16 +171,20 @@ class GenAuthClient:
     # -- the one public call --------------------------------------------------------------
 
     def fetch_email_provider(self) -> dict[str, Any]:
-        """The pool's ``EmailProviderDto`` as sent; :class:`UpstreamError` on any failure."""
-        headers = self._current_headers()
+        """The pool's ``EmailProviderDto`` as sent; :class:`UpstreamError` on any failure.
+
+        The whole call (a token if needed, the request, one re-authentication and retry) has
+        a deadline of twice the timeout; each request within it is bounded by both."""
+        deadline = time.monotonic() + 2 * self.timeout
+        request = self._current_request(deadline)
         try:
-            return self._fetch(headers)
+            return self._fetch(request, deadline)
         except _TokenRejected:
             pass
-        self._invalidate(headers)
-        headers = self._current_headers()
+        self._invalidate(request)
+        request = self._current_request(deadline)
         try:
-            return self._fetch(headers)
+            return self._fetch(request, deadline)
         except _TokenRejected as rejected:
             error = UpstreamError(
                 "auth",
@@ -172,14 +193,14 @@ class GenAuthClient:
                 api_code=rejected.api_code,
                 request_id=rejected.request_id,
             )
-        self._invalidate(headers)
+        self._invalidate(request)
         raise error from None
 
     # -- get-email-provider ---------------------------------------------------------------
 
-    def _fetch(self, headers: dict[str, str]) -> dict[str, Any]:
-        response = self._send("GET", self._provider_url, _PROVIDER_EP, headers=headers)
-        status = response.status_code
+    def _fetch(self, request: requests.PreparedRequest, deadline: float) -> dict[str, Any]:
+        response = self._send(request, _PROVIDER_EP, deadline)
+        status = response.status
         if status == 401:
             self._reject(response, None)
         if not 200 <= status < 300:
@@ -211,11 +232,11 @@ class GenAuthClient:
                 )
         return data
 
-    def _reject(self, response: requests.Response, body: dict[str, Any] | None) -> NoReturn:
+    def _reject(self, response: Answer, body: dict[str, Any] | None) -> NoReturn:
         if body is None:
             body = _small_json_object(response)
         api_code, request_id, message = self._envelope_fields(body)
-        http = response.status_code
+        http = response.status
         what = f"HTTP {http}" if http == 401 else f"statusCode {body and body.get('statusCode')}"
         raise _TokenRejected(
             f"{what}: {message}" if message else what,
@@ -226,7 +247,7 @@ class GenAuthClient:
 
     # -- get-management-token -------------------------------------------------------------
 
-    def _current_headers(self) -> dict[str, str]:
+    def _current_request(self, deadline: float) -> requests.PreparedRequest:
         auth = self._auth
         if auth is not None and self._clock() < auth[1]:
             return auth[0]
@@ -234,22 +255,24 @@ class GenAuthClient:
             auth = self._auth
             if auth is not None and self._clock() < auth[1]:
                 return auth[0]
-            headers, refresh_at = self._new_token()
-            self._auth = (headers, refresh_at)
-            return headers
+            headers, refresh_at = self._new_token(deadline)
+            request = requests.Request("GET", self._provider_url, headers=headers).prepare()
+            self._auth = (request, refresh_at)
+            return request
 
-    def _invalidate(self, headers: dict[str, str]) -> None:
+    def _invalidate(self, request: requests.PreparedRequest) -> None:
         with self._lock:
-            if self._auth is not None and self._auth[0] is headers:
+            if self._auth is not None and self._auth[0] is request:
                 self._auth = None
 
-    def _new_token(self) -> tuple[dict[str, str], float]:
+    def _new_token(self, deadline: float) -> tuple[dict[str, str], float]:
         started = self._clock()
         payload = {"accessKeyId": self.access_key_id, "accessKeySecret": self._secret}
-        response = self._send(
-            "POST", self._token_url, _TOKEN_EP, headers=self._token_headers, json_body=payload
-        )
-        status = response.status_code
+        request = requests.Request(
+            "POST", self._token_url, headers=self._token_headers, data=json.dumps(payload)
+        ).prepare()
+        response = self._send(request, _TOKEN_EP, deadline)
+        status = response.status
         if status in (401, 403):
             body = _small_json_object(response)
             self._auth_failure(response, body, f"HTTP {status}")
@@ -290,70 +313,51 @@ class GenAuthClient:
             "x-genauth-userpool-id": pool,
             "User-Agent": self._user_agent,
             "Accept": "application/json",
+            "Accept-Encoding": ACCEPT_ENCODING,
         }
         skew = min(_MAX_SKEW, _SKEW_FRACTION * lifetime)
         return headers, started + lifetime - skew
 
-    def _auth_failure(
-        self, response: requests.Response, body: dict[str, Any] | None, what: str
-    ) -> NoReturn:
+    def _auth_failure(self, response: Answer, body: dict[str, Any] | None, what: str) -> NoReturn:
         api_code, request_id, message = self._envelope_fields(body)
         text = f"{_TOKEN_EP} refused the access key ({what})"
         raise UpstreamError(
             "auth",
             f"{text}: {message}" if message else text,
-            http_status=response.status_code,
+            http_status=response.status,
             api_code=api_code,
             request_id=request_id,
         )
 
     # -- shared ---------------------------------------------------------------------------
 
-    def _send(
-        self,
-        method: str,
-        url: str,
-        endpoint: str,
-        *,
-        headers: dict[str, str],
-        json_body: dict[str, str] | None = None,
-    ) -> requests.Response:
+    def _send(self, request: requests.PreparedRequest, endpoint: str, deadline: float) -> Answer:
         try:
-            return self._session.request(
-                method,
-                url,
-                headers=headers,
-                json=json_body,
+            return bounded_request(
+                self._session,
+                request,
                 timeout=self.timeout,
+                deadline=deadline,
+                max_bytes=self.max_response_bytes,
                 verify=self._verify,
                 proxies=self._proxies,
-                allow_redirects=False,
             )
-        except requests.Timeout as exc:
-            phase = "connect" if isinstance(exc, requests.ConnectTimeout) else "read"
-            error = UpstreamError(
-                "timeout", f"{endpoint}: {phase} timed out after {self.timeout:g} s"
-            )
-        except requests.exceptions.SSLError as exc:
-            error = UpstreamError("network", f"{endpoint}: TLS failed ({_root_cause(exc)})")
-        except requests.exceptions.ContentDecodingError:
-            error = UpstreamError("invalid_response", f"{endpoint}: body could not be decoded")
-        except requests.RequestException as exc:
-            error = UpstreamError("network", f"{endpoint}: connection failed ({_root_cause(exc)})")
-        # Raised outside the except blocks: no __context__ holding URLs or bodies.
+        except HttpFailure as failure:
+            error = _upstream_error(failure, endpoint, self)
+        # Raised outside the except block: no __context__ holding URLs or bodies.
         raise error from None
 
-    def _decode(self, response: requests.Response, endpoint: str) -> Any:
+    def _decode(self, response: Answer, endpoint: str) -> Any:
         try:
             return json.loads(
-                response.content, parse_constant=_reject_constant, parse_float=_finite_float
+                response.body, parse_constant=_reject_constant, parse_float=_finite_float
             )
         except (ValueError, RecursionError):
             pass
         self._invalid(response, endpoint, f"body is not JSON ({_describe_body(response)})")
 
-    def _fail_status(self, response: requests.Response, endpoint: str) -> NoReturn:
-        status = response.status_code
+    def _fail_status(self, response: Answer, endpoint: str) -> NoReturn:
+        status = response.status
         body = _small_json_object(response)
         api_code, request_id, message = self._envelope_fields(body)
         text = f"HTTP {status} from {endpoint} ({_describe_body(response)})"
@@ -366,9 +370,7 @@ class GenAuthClient:
             retry_after=_retry_after(response.headers.get("Retry-After")),
         )
 
-    def _fail_envelope(
-        self, response: requests.Response, body: dict[str, Any], endpoint: str
-    ) -> NoReturn:
+    def _fail_envelope(self, response: Answer, body: dict[str, Any], endpoint: str) -> NoReturn:
         code = body.get("statusCode")
         if type(code) is not int:
             if code is None:
@@ -385,13 +387,13 @@ class GenAuthClient:
         raise UpstreamError(
             "api_error",
             f"{text}: {message}" if message else text,
-            http_status=response.status_code,
+            http_status=response.status,
             api_code=api_code,
             request_id=request_id,
         )
 
-    def _invalid(self, response: requests.Response, endpoint: str, what: str) -> NoReturn:
-        status = response.status_code
+    def _invalid(self, response: Answer, endpoint: str, what: str) -> NoReturn:
+        status = response.status
         raise UpstreamError("invalid_response", f"{endpoint}: {what}", http_status=status)
 
     def _envelope_fields(
@@ -447,10 +449,10 @@ def _says_bad_token(code: int, message: Any) -> bool:
     return any(w in text for w in _TOKEN_WORDS) and any(w in text for w in _BAD_TOKEN_WORDS)
 
 
-def _describe_body(response: requests.Response) -> str:
+def _describe_body(response: Answer) -> str:
     ctype = (response.headers.get("Content-Type") or "").split(";", 1)[0].strip()
     ctype = _CONTROL.sub("", ctype)[:60] or "no content type"
-    return f"{ctype}, {len(response.content)} bytes"
+    return f"{ctype}, {len(response.body)} bytes"
 
 
 def _reject_constant(name: str) -> Any:
@@ -467,9 +469,9 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _small_json_object(response: requests.Response) -> dict[str, Any] | None:
+def _small_json_object(response: Answer) -> dict[str, Any] | None:
     """The body as a JSON object if it is a small one (error paths only), else None."""
-    content = response.content
+    content = response.body
     if not content or len(content) > _MAX_ERROR_BODY:
         return None
     try:
@@ -534,26 +536,19 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def _root_cause(exc: BaseException) -> str:
-    """A short, URL-free reason: the OS error text if there is one, else a class name."""
-    seen: set[int] = set()
-    stack: list[BaseException] = [exc]
-    deepest = type(exc).__name__
-    while stack:
-        current = stack.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.strerror:
-            return current.strerror
-        if current is not exc:
-            deepest = type(current).__name__
-        linked = [a for a in current.args if isinstance(a, BaseException)]
-        reason = getattr(current, "reason", None)
-        if isinstance(reason, BaseException):
-            linked.append(reason)
-        for link in (current.__cause__, current.__context__):
-            if link is not None:
-                linked.append(link)
-        stack.extend(reversed(linked))
-    return deepest
+def _upstream_error(failure: HttpFailure, endpoint: str, client: GenAuthClient) -> UpstreamError:
+    if failure.kind == "timeout":
+        return UpstreamError(
+            "timeout",
+            f"{endpoint}: {failure.detail} (timeout {client.timeout:g} s, "
+            f"poll deadline {2 * client.timeout:g} s)",
+        )
+    if failure.kind == "too_large":
+        return UpstreamError(
+            "invalid_response",
+            f"{endpoint}: answer too large (limit {client.max_response_bytes} bytes); "
+            "nothing of it was kept",
+        )
+    if failure.kind == "undecodable":
+        return UpstreamError("invalid_response", f"{endpoint}: {failure.detail}")
+    return UpstreamError("network", f"{endpoint}: {failure.detail}")

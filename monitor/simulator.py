@@ -55,6 +55,7 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -106,8 +107,15 @@ API_CODE_INTERNAL_ERROR: Final = 5000
 #: - ``unauthorized``: HTTP 401 "invalid token" even for a valid token
 #: - ``expired_token_body``: HTTP 200, envelope ``statusCode`` 401 "token expired"
 #: - ``close``: closes the connection without answering
+#: - ``huge_body``: HTTP 200, a success envelope padded to ``size`` bytes (Content-Length set)
+#: - ``gzip_bomb``: HTTP 200, ``Content-Encoding: gzip``: a small body that inflates to
+#:   ``size`` bytes of valid JSON
+#: - ``endless``: HTTP 200, a chunked body that never ends
+#: - ``drip``: HTTP 200, a valid success body sent one byte every ``delay`` seconds
+#: - ``drip_headers``: the status line and headers sent one byte every ``delay`` seconds
 #:
-#: A ``delay`` given with any other kind is slept before that fault's answer too.
+#: The last five apply to both endpoints. A ``delay`` given with any other kind is slept
+#: before that fault's answer too.
 FAULT_KINDS: Final = frozenset(
     {
         "http_500_html",
@@ -123,8 +131,15 @@ FAULT_KINDS: Final = frozenset(
         "unauthorized",
         "expired_token_body",
         "close",
+        "huge_body",
+        "gzip_bomb",
+        "endless",
+        "drip",
+        "drip_headers",
     }
 )
+#: Faults that stream a hostile answer themselves (any ``delay`` is their pace, not a wait).
+STREAM_FAULT_KINDS: Final = frozenset({"huge_body", "gzip_bomb", "endless", "drip", "drip_headers"})
 
 #: Fault kinds of the get-management-token endpoint (same meaning as above;
 #: ``missing_data`` answers a success envelope without ``data``).
@@ -138,6 +153,11 @@ TOKEN_FAULT_KINDS: Final = frozenset(
         "slow",
         "rate_limit",
         "close",
+        "huge_body",
+        "gzip_bomb",
+        "endless",
+        "drip",
+        "drip_headers",
     }
 )
 
@@ -225,6 +245,36 @@ class _Fault:
     remaining: int | None
     delay: float
     retry_after: int
+    size: int = 200 * 1024 * 1024
+
+
+_PAD_CHUNK: Final = b" " * 65536
+
+
+def _padded_parts(size: int) -> tuple[bytes, bytes, int]:
+    """Head and tail of a success envelope whose ``data.padding`` string of spaces makes the
+    whole body ``size`` bytes (at least the envelope itself)."""
+    head = b'{"statusCode":200,"message":"Success","data":{"enabled":true,"padding":"'
+    tail = b'"}}'
+    return head, tail, max(0, size - len(head) - len(tail))
+
+
+_BOMBS: dict[int, bytes] = {}
+_BOMBS_LOCK = threading.Lock()
+
+
+def _gzip_bomb(size: int) -> bytes:
+    """A gzip body inflating to ``size`` bytes of JSON; built once per size."""
+    with _BOMBS_LOCK:
+        if size not in _BOMBS:
+            head, tail, pad = _padded_parts(size)
+            packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+            parts = [packer.compress(head)]
+            full, rest = divmod(pad, len(_PAD_CHUNK))
+            parts.extend(packer.compress(_PAD_CHUNK) for _ in range(full))
+            parts += [packer.compress(b" " * rest), packer.compress(tail), packer.flush()]
+            _BOMBS[size] = b"".join(parts)
+        return _BOMBS[size]
 
 
 class _Server(ThreadingHTTPServer):
@@ -331,9 +381,67 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(429, body, extra=[("Retry-After", str(fault.retry_after))])
         elif kind == "close":
             self.close_connection = True
+        elif kind in STREAM_FAULT_KINDS:
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self._stream_fault(fault)
         else:
             return False
         return True
+
+    def _stream_fault(self, fault: _Fault) -> None:
+        """Hostile answers that only a bounded client survives; each stops when the client
+        hangs up (a write fails) or the simulator stops."""
+        stopping = cast(_Server, self.server).sim._stopping
+        kind = fault.kind
+        if kind == "drip_headers":
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" * 1000:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                if stopping.wait(fault.delay):
+                    return
+            return
+        if kind == "gzip_bomb":
+            body = _gzip_bomb(fault.size)
+            self.wfile.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                + f"Content-Encoding: gzip\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            return
+        if kind == "drip":
+            body = _dumps({"statusCode": 200, "message": "Success", "data": {"enabled": True}})
+            self.wfile.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            )
+            for byte in body:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                if stopping.wait(fault.delay):
+                    return
+            return
+        if kind == "endless":
+            self.wfile.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+            )
+            chunk = b"%x\r\n%s\r\n" % (len(_PAD_CHUNK), _PAD_CHUNK)
+            while not stopping.is_set():
+                self.wfile.write(chunk)
+            return
+        head, tail, pad = _padded_parts(fault.size)
+        self.wfile.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(head) + pad + len(tail)}\r\n\r\n".encode()
+            + head
+        )
+        full, rest = divmod(pad, len(_PAD_CHUNK))
+        for _ in range(full):
+            if stopping.is_set():
+                return
+            self.wfile.write(_PAD_CHUNK)
+        self.wfile.write(b" " * rest + tail)
 
     # -- endpoints ------------------------------------------------------------------------
 
@@ -342,7 +450,8 @@ class _Handler(BaseHTTPRequestHandler):
         sim._count_token()
         fault = sim._take_fault(token=True)
         if fault is not None:
-            if fault.delay > 0 and sim._stopping.wait(fault.delay):
+            paced = fault.kind in STREAM_FAULT_KINDS
+            if fault.delay > 0 and not paced and sim._stopping.wait(fault.delay):
                 self.close_connection = True
                 return
             if fault.kind != "slow" and self._generic_fault(fault):
@@ -373,7 +482,8 @@ class _Handler(BaseHTTPRequestHandler):
         sim._count_provider(headers)
         fault = sim._take_fault(token=False)
         if fault is not None:
-            if fault.delay > 0 and sim._stopping.wait(fault.delay):
+            paced = fault.kind in STREAM_FAULT_KINDS
+            if fault.delay > 0 and not paced and sim._stopping.wait(fault.delay):
                 self.close_connection = True
                 return
             if fault.kind == "unauthorized":
@@ -549,9 +659,11 @@ class SimulatedGenAuth:
         times: int | None = None,
         delay: float = 0.0,
         retry_after: int = 1,
+        size: int = 200 * 1024 * 1024,
     ) -> None:
-        """Inject a fault into get-email-provider; ``times=None`` lasts until cleared."""
-        fault = self._make_fault(kind, FAULT_KINDS, times, delay, retry_after)
+        """Inject a fault into get-email-provider; ``times=None`` lasts until cleared.
+        ``size`` is the decoded body size of ``huge_body`` and ``gzip_bomb``."""
+        fault = self._make_fault(kind, FAULT_KINDS, times, delay, retry_after, size)
         with self._lock:
             self._fault = fault
 
@@ -562,9 +674,10 @@ class SimulatedGenAuth:
         times: int | None = None,
         delay: float = 0.0,
         retry_after: int = 1,
+        size: int = 200 * 1024 * 1024,
     ) -> None:
         """Inject a fault into get-management-token (kinds in :data:`TOKEN_FAULT_KINDS`)."""
-        fault = self._make_fault(kind, TOKEN_FAULT_KINDS, times, delay, retry_after)
+        fault = self._make_fault(kind, TOKEN_FAULT_KINDS, times, delay, retry_after, size)
         with self._lock:
             self._token_fault = fault
 
@@ -575,6 +688,7 @@ class SimulatedGenAuth:
         times: int | None,
         delay: float,
         retry_after: int,
+        size: int = 200 * 1024 * 1024,
     ) -> _Fault | None:
         if kind is None:
             return None
@@ -582,9 +696,9 @@ class SimulatedGenAuth:
             raise ValueError(f"unknown fault kind {kind!r}; one of {sorted(allowed)}")
         if times is not None and times < 1:
             raise ValueError("times must be >= 1 or None")
-        if kind == "slow" and delay <= 0:
-            raise ValueError("the 'slow' fault needs delay > 0")
-        return _Fault(kind, times, max(0.0, delay), retry_after)
+        if kind in ("slow", "drip", "drip_headers") and delay <= 0:
+            raise ValueError(f"the {kind!r} fault needs delay > 0")
+        return _Fault(kind, times, max(0.0, delay), retry_after, size)
 
     # -- called by the handler ------------------------------------------------------------
 

@@ -1,0 +1,349 @@
+"""HTTP with a deadline and a size cap on everything read: the one way genauth-monitor talks HTTP.
+
+``requests`` bounds each socket read by its timeout, not a request as a whole: an upstream that
+drips one byte a second keeps a poll alive for ever, and a body (or a gzip bomb) of any size is
+read into memory. Here every request has
+
+- a **deadline** (monotonic time) for connect, headers and body together: the socket of a
+  request still running at its deadline is shut down by one reaper thread, which wakes any read
+  blocked on it at once (a drip of headers or body, a stalled TLS handshake after connect);
+- a **size cap** on the body *after* decompression: the body is read raw in chunks and
+  decompressed here with a bounded output (``Accept-Encoding`` offers only gzip and deflate),
+  so neither an endless chunked stream nor a bomb costs more than the cap;
+- :func:`abort_all` shuts down every request in flight (SIGTERM must not wait for a slow peer).
+
+Failures are :class:`HttpFailure` with a ``kind`` the caller maps onto its own error class;
+messages never carry a URL or a body.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import socket
+import threading
+import time
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+__all__ = [
+    "ACCEPT_ENCODING",
+    "Answer",
+    "HttpFailure",
+    "abort_all",
+    "bounded_request",
+    "bounded_session",
+]
+
+ACCEPT_ENCODING: Final = "gzip, deflate"
+_CHUNK: Final = 64 * 1024
+
+FailureKind = Literal["timeout", "network", "tls", "too_large", "undecodable"]
+
+
+class HttpFailure(Exception):
+    """A request that did not give a complete, bounded answer."""
+
+    def __init__(self, kind: FailureKind, detail: str) -> None:
+        super().__init__(detail)
+        self.kind: FailureKind = kind
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A whole answer: status, headers and the decoded body, read within the bounds."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+# -- the reaper: sockets of requests in flight, shut down at their deadline -------------------
+
+
+class _Reaper:
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._live: dict[int, tuple[float, socket.socket]] = {}
+        self._heap: list[tuple[float, int]] = []
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._local = threading.local()
+        self._aborted = False
+
+    # The deadline of the request this thread is making; the connection classes below read it.
+    def begin(self, deadline: float) -> None:
+        self._local.deadline = deadline
+        self._local.tickets = []
+
+    def end(self) -> None:
+        tickets: list[int] = getattr(self._local, "tickets", [])
+        self._local.deadline = None
+        self._local.tickets = []
+        with self._lock:
+            for ticket in tickets:
+                self._live.pop(ticket, None)
+
+    def expired(self) -> bool:
+        deadline = getattr(self._local, "deadline", None)
+        return self._aborted or (deadline is not None and time.monotonic() >= deadline)
+
+    def watch(self, sock: socket.socket | None) -> None:
+        deadline = getattr(self._local, "deadline", None)
+        if sock is None or deadline is None:
+            return
+        with self._lock:
+            if self._aborted:
+                _shut(sock)
+                return
+            ticket = next(self._ids)
+            self._live[ticket] = (deadline, sock)
+            heapq.heappush(self._heap, (deadline, ticket))
+            self._local.tickets.append(ticket)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="http-reaper", daemon=True)
+                self._thread.start()
+            self._lock.notify()
+
+    def abort_all(self) -> None:
+        with self._lock:
+            self._aborted = True
+            for _, sock in self._live.values():
+                _shut(sock)
+            self._live.clear()
+
+    def _run(self) -> None:
+        with self._lock:
+            while True:
+                now = time.monotonic()
+                while self._heap and self._heap[0][0] <= now:
+                    _, ticket = heapq.heappop(self._heap)
+                    entry = self._live.pop(ticket, None)
+                    if entry is not None:
+                        _shut(entry[1])
+                wait = self._heap[0][0] - now if self._heap else 60.0
+                self._lock.wait(min(wait, 60.0))
+
+
+def _shut(sock: socket.socket) -> None:
+    # The plain socket's shutdown, also for an SSLSocket: it wakes a thread blocked in a read
+    # of it, where close() would not. A socket closed meanwhile has fileno -1 and is skipped,
+    # so a descriptor number reused by another connection is never touched.
+    try:
+        if sock.fileno() >= 0:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+_REAPER: Final = _Reaper()
+
+
+def abort_all() -> None:
+    """Shut down every request in flight and refuse new ones (the process is stopping)."""
+    _REAPER.abort_all()
+
+
+class _WatchedHTTPConnection(HTTPConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        super().request(*args, **kwargs)
+        # Connected now (a new connection or a kept-alive one): from here the headers and the
+        # body are read from this socket, under the request's deadline.
+        _REAPER.watch(self.sock)
+
+
+class _WatchedHTTPSConnection(HTTPSConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        super().request(*args, **kwargs)
+        _REAPER.watch(self.sock)
+
+
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class _WatchedAdapter(HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _WatchedHTTPPool,
+            "https": _WatchedHTTPSPool,
+        }
+
+
+def bounded_session(pool_size: int = 10) -> requests.Session:
+    """A session whose connections honour :func:`bounded_request`'s deadline. It does not read
+    the environment per call (``trust_env`` off): callers resolve proxies once."""
+    session = requests.Session()
+    session.trust_env = False
+    adapter = _WatchedAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+# -- one bounded request ----------------------------------------------------------------------
+
+
+def bounded_request(
+    session: requests.Session,
+    request: requests.PreparedRequest,
+    *,
+    timeout: float,
+    deadline: float,
+    max_bytes: int,
+    verify: bool | str = True,
+    proxies: Mapping[str, str] | None = None,
+) -> Answer:
+    """Send ``request`` and read its whole answer within ``timeout`` seconds and by
+    ``deadline`` (monotonic; the caller's larger budget), with at most ``max_bytes`` of decoded
+    body; :class:`HttpFailure` otherwise."""
+    now = time.monotonic()
+    deadline = min(deadline, now + timeout)
+    step = deadline - now
+    if step <= 0:
+        raise HttpFailure("timeout", "no time left before the deadline")
+    _REAPER.begin(deadline)
+    try:
+        try:
+            response = session.send(
+                request,
+                stream=True,
+                timeout=(step, step),
+                verify=verify,
+                proxies=dict(proxies or {}),
+                allow_redirects=False,
+            )
+        except requests.RequestException as exc:
+            raise _translate(exc) from None
+        try:
+            body = _read_body(response, max_bytes)
+        except BaseException:
+            response.close()  # an unread rest: the connection cannot be reused
+            raise
+        response.raw.release_conn()  # read to the end: keep the connection alive
+        return Answer(response.status_code, response.headers, body)
+    finally:
+        _REAPER.end()
+
+
+def _read_body(response: requests.Response, max_bytes: int) -> bytes:
+    declared = response.headers.get("Content-Length", "")
+    encoding = (response.headers.get("Content-Encoding") or "identity").strip().lower()
+    if encoding == "identity" and declared.isdigit() and int(declared) > max_bytes:
+        raise HttpFailure("too_large", f"body of {int(declared)} bytes exceeds {max_bytes}")
+    decoder = _Decoder(encoding, max_bytes)
+    try:
+        for chunk in response.raw.stream(_CHUNK, decode_content=False):
+            decoder.feed(chunk)
+    except HttpFailure:
+        raise
+    except Exception as exc:  # urllib3/http.client raise many kinds mid-body
+        raise _translate(exc) from None
+    return decoder.finish()
+
+
+class _Decoder:
+    """Content-Encoding undone with a bounded output."""
+
+    def __init__(self, encoding: str, limit: int) -> None:
+        self._limit = limit
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._inflate: Any = None
+        if encoding in ("gzip", "x-gzip"):
+            self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif encoding == "deflate":
+            self._inflate = zlib.decompressobj()
+        elif encoding != "identity":
+            raise HttpFailure("undecodable", "body has an unsupported content encoding")
+        self._first = True
+
+    def feed(self, chunk: bytes) -> None:
+        if self._inflate is None:
+            self._add(chunk)
+            return
+        data = chunk
+        while data:
+            try:
+                out = self._inflate.decompress(data, self._limit - self._size + 1)
+            except zlib.error:
+                if not (self._first and self._retry_raw_deflate(data)):
+                    raise HttpFailure("undecodable", "body could not be decompressed") from None
+                return
+            self._first = False
+            self._add(out)
+            data = self._inflate.unconsumed_tail
+
+    def _retry_raw_deflate(self, data: bytes) -> bool:
+        # Some servers send "deflate" without the zlib header (raw DEFLATE).
+        self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._first = False
+        self.feed(data)
+        return True
+
+    def _add(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size > self._limit:
+            raise HttpFailure("too_large", f"body exceeds {self._limit} bytes")
+        if data:
+            self._parts.append(data)
+
+    def finish(self) -> bytes:
+        if self._inflate is not None:
+            self._add(self._inflate.flush())
+        return b"".join(self._parts)
+
+
+def _translate(exc: BaseException) -> HttpFailure:
+    """A library exception as an HttpFailure without URL or body (no chained context)."""
+    if _REAPER.expired():
+        return HttpFailure("timeout", "did not finish before its deadline")
+    if isinstance(exc, requests.Timeout | TimeoutError | socket.timeout):
+        phase = "connect" if isinstance(exc, requests.ConnectTimeout) else "read"
+        return HttpFailure("timeout", f"{phase} timed out")
+    if isinstance(exc, requests.exceptions.SSLError):
+        return HttpFailure("tls", f"TLS failed ({root_cause(exc)})")
+    if isinstance(exc, requests.exceptions.ContentDecodingError):
+        return HttpFailure("undecodable", "body could not be decoded")
+    text = root_cause(exc)
+    if "timed out" in text.lower():
+        return HttpFailure("timeout", "read timed out")
+    return HttpFailure("network", f"connection failed ({text})")
+
+
+def root_cause(exc: BaseException) -> str:
+    """A short, URL-free reason: the OS error text if there is one, else a class name."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    deepest = type(exc).__name__
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror
+        if current is not exc:
+            deepest = type(current).__name__
+        linked = [a for a in current.args if isinstance(a, BaseException)]
+        reason = getattr(current, "reason", None)
+        if isinstance(reason, BaseException):
+            linked.append(reason)
+        for link in (current.__cause__, current.__context__):
+            if link is not None:
+                linked.append(link)
+        stack.extend(reversed(linked))
+    return deepest
