@@ -74,7 +74,7 @@ def populate(metrics: Metrics, targets: int, polls: int, seed: int = 1) -> None:
     for sink in ("ops-webhook", "alertmanager", "slack"):
         metrics.deliveries.labels(sink=sink, outcome="sent").inc(rng.randint(1, 500))
         metrics.deliveries.labels(sink=sink, outcome="failed").inc(rng.randint(0, 5))
-    metrics.outbox_pending.set(0)
+    metrics.set_outbox_pending("webhook", 0)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 import requests
 from prometheus_client import CollectorRegistry, disable_created_metrics
@@ -20,9 +22,11 @@ from monitor.api import create_app
 from monitor.config import Settings, SinkSettings, TargetSettings
 from monitor.core.alerting import SinkRoute
 from monitor.errors import MonitorError
-from monitor.genauth import GenAuthClient
+from monitor.genauth import DEFAULT_MAX_RESPONSE_BYTES, GenAuthClient
 from monitor.http_server import HttpServer
+from monitor.httpio import abort, bounded_session
 from monitor.metrics import Metrics
+from monitor.recorder import Recorder
 from monitor.scheduler import PollScheduler, ScheduledTarget
 from monitor.service import TargetPoller
 from monitor.storage import Queries, Store, create_store_engine, upgrade
@@ -34,6 +38,9 @@ __all__ = ["Daemon", "Runtime", "build_runtime", "fingerprint_key"]
 log = logging.getLogger("monitor")
 
 KEY_FILE_SUFFIX = ".fingerprint-key"
+POLL_WORKERS: Final = 10  # polls in flight at once (each holds at most one bounded body)
+READY_WAIT: Final = 0.8  # seconds /readyz waits for the database
+STOP_WRITE_WAIT: Final = 2.0  # seconds a stopping daemon waits to write what it saw
 
 
 def fingerprint_key(settings: Settings) -> bytes:
@@ -85,6 +92,7 @@ class Runtime:
     registry: CollectorRegistry
     metrics: Metrics
     delivery: DeliveryWorker
+    sessions: tuple[requests.Session, ...]  # upstream and sinks: aborted when stopping
     pollers: dict[str, TargetPoller] = field(default_factory=dict)
 
 
@@ -100,8 +108,9 @@ def _sink(sink: SinkSettings, session: requests.Session) -> Sink:
     return SlackSink(name=sink.name, url=url, session=session, timeout=sink.timeout)
 
 
-def _delivery(settings: Settings, engine: Engine, metrics: Metrics, clock: Clock) -> DeliveryWorker:
-    session = requests.Session()
+def _delivery(
+    settings: Settings, engine: Engine, metrics: Metrics, clock: Clock, session: requests.Session
+) -> DeliveryWorker:
     policies = [
         SinkPolicy(_sink(sink, session), sink.max_backoff, sink.repeat_interval)
         for sink in settings.sinks
@@ -121,8 +130,12 @@ def build_runtime(
     clock: Clock = utc_now,
     session: requests.Session | None = None,
     migrate: bool = True,
+    recorder: Recorder | None = None,
 ) -> Runtime:
-    """Open the database (migrating it), and build a poller per target restored from it."""
+    """Open the database (migrating it), and build a poller per target restored from it.
+
+    With a ``recorder`` (the daemon) polls only queue their outcomes and the recorder writes
+    them; without one (``check``) each poll writes what it saw before it returns."""
     engine = create_store_engine(settings.storage.url)
     if migrate:
         upgrade(engine)
@@ -130,7 +143,8 @@ def build_runtime(
     disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    delivery = _delivery(settings, engine, metrics, clock)
+    sink_session = bounded_session()
+    delivery = _delivery(settings, engine, metrics, clock, sink_session)
     routes = [SinkRoute(s.name, s.min_severity, s.kinds) for s in settings.sinks]
     runtime = Runtime(
         settings=settings,
@@ -139,10 +153,13 @@ def build_runtime(
         registry=registry,
         metrics=metrics,
         delivery=delivery,
+        sessions=(),
     )
     key = fingerprint_key(settings)
-    shared_session = session or _session()
+    shared_session = session or bounded_session(pool_size=POLL_WORKERS)
+    runtime.sessions = (shared_session, sink_session)
     for target in settings.targets:
+        timeout = target.effective_timeout(settings.monitor)
         poller = TargetPoller(
             name=target.name,
             fetcher=_client(settings, target, shared_session),
@@ -153,18 +170,16 @@ def build_runtime(
             ignore=target.ignore,
             failure_threshold=settings.monitor.failure_threshold,
             clock=clock,
+            # The client's own deadline is twice the timeout; the watchdog's second more only
+            # catches what the client cannot bound (a DNS lookup, say).
+            deadline=2 * timeout + 1.0,
+            write_inline=recorder is None,
         )
+        if recorder is not None:
+            poller.on_pending = functools.partial(recorder.mark, poller)
         poller.restore(runtime.store.ensure_target(target.name, now=clock()))
         runtime.pollers[target.name] = poller
     return runtime
-
-
-def _session() -> requests.Session:
-    """One pooled session for all targets; the clients take proxies from the environment
-    once (see GenAuthClient), so requests need not re-read it on every call."""
-    session = requests.Session()
-    session.trust_env = False
-    return session
 
 
 def _client(settings: Settings, target: TargetSettings, session: requests.Session) -> GenAuthClient:
@@ -174,16 +189,24 @@ def _client(settings: Settings, target: TargetSettings, session: requests.Sessio
         access_key_secret=target.access_key_secret.get_secret_value(),
         userpool_id=target.userpool_id,
         timeout=target.effective_timeout(settings.monitor),
+        max_response_bytes=_max_response_bytes(settings, target),
         session=session,
         ca_bundle=str(target.ca_bundle) if target.ca_bundle else None,
     )
 
 
+def _max_response_bytes(settings: Settings, target: TargetSettings) -> int:
+    # TEMPORARY until the max_response_bytes configuration key lands.
+    effective = getattr(target, "effective_max_response_bytes", None)
+    return int(effective(settings.monitor)) if effective is not None else DEFAULT_MAX_RESPONSE_BYTES
+
+
 class Daemon:
-    """``run``: scheduler plus HTTP server over one runtime."""
+    """``run``: scheduler, recorder, delivery lanes and HTTP server over one runtime."""
 
     def __init__(self, settings: Settings, *, clock: Clock = utc_now) -> None:
-        self.runtime = build_runtime(settings, clock=clock)
+        self.recorder = Recorder()
+        self.runtime = build_runtime(settings, clock=clock, recorder=self.recorder)
         monitor = settings.monitor
         self.scheduler = PollScheduler(
             [
@@ -193,7 +216,9 @@ class Daemon:
                 )
             ],
             backoff_max=monitor.backoff_max,
+            max_workers=POLL_WORKERS,
         )
+        self._probe = _DatabaseProbe(self.runtime.store)
         token = settings.server.api_token
         app = create_app(
             registry=self.runtime.registry,
@@ -206,11 +231,14 @@ class Daemon:
         self.http = HttpServer(app, host=settings.server.host, port=settings.server.port)
 
     def ready(self) -> tuple[bool, dict[str, bool]]:
-        checks = {"database": self.runtime.store.ping(), "scheduler": self.scheduler.running}
+        """Within a second, whatever the database does: a frozen one is "not ready"."""
+        database = self._probe.check(READY_WAIT) and self.recorder.healthy
+        checks = {"database": database, "scheduler": self.scheduler.running}
         return all(checks.values()), checks
 
     def start(self) -> None:
         self.http.start()
+        self.recorder.start()
         self.runtime.delivery.start()
         self.scheduler.start()
         settings = self.runtime.settings
@@ -225,8 +253,13 @@ class Daemon:
         )
 
     def stop(self) -> None:
+        """Stop within a few seconds even mid-read: requests in flight are aborted, what the
+        polls saw is written if the database answers in time."""
         self.scheduler.shutdown()
-        self.runtime.delivery.stop()
+        for session in self.runtime.sessions:
+            abort(session)
+        self.recorder.stop(timeout=STOP_WRITE_WAIT)
+        self.runtime.delivery.stop(timeout=1.0)
         self.http.stop()
         self.runtime.store.engine.dispose()
         log.info("genauth-monitor stopped")
@@ -237,3 +270,30 @@ class Daemon:
             stop.wait()
         finally:
             self.stop()
+
+
+class _DatabaseProbe:
+    """``SELECT 1`` on a thread of its own, so a frozen database makes /readyz say 503 in
+    time instead of hanging it; a probe still stuck from before answers "not ready" at once."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._lock = threading.Lock()
+        self._running: threading.Thread | None = None
+        self._result = False
+        self._done = threading.Event()
+
+    def check(self, wait: float) -> bool:
+        with self._lock:
+            if self._running is None or not self._running.is_alive():
+                self._done = threading.Event()
+                self._running = threading.Thread(
+                    target=self._ping, args=(self._done,), name="db-probe", daemon=True
+                )
+                self._running.start()
+            done = self._done
+        return done.wait(wait) and self._result
+
+    def _ping(self, done: threading.Event) -> None:
+        self._result = self._store.ping()
+        done.set()

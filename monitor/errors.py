@@ -24,7 +24,11 @@ __all__ = [
     "UpstreamError",
 ]
 
-Reason = Literal["network", "timeout", "http_status", "api_error", "auth", "invalid_response"]
+Reason = Literal[
+    "network", "timeout", "http_status", "api_error", "auth", "invalid_response", "internal"
+]
+# ``internal``: a bug of ours inside a poll. It still counts as a failed poll (``up`` = 0,
+# poll_failing), so a monitor with a bug is never silent while its metrics look fine.
 REASONS: Final[tuple[Reason, ...]] = (
     "network",
     "timeout",
@@ -32,6 +36,7 @@ REASONS: Final[tuple[Reason, ...]] = (
     "api_error",
     "auth",
     "invalid_response",
+    "internal",
 )
 
 

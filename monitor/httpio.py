@@ -10,7 +10,8 @@ read into memory. Here every request has
 - a **size cap** on the body *after* decompression: the body is read raw in chunks and
   decompressed here with a bounded output (``Accept-Encoding`` offers only gzip and deflate),
   so neither an endless chunked stream nor a bomb costs more than the cap;
-- :func:`abort_all` shuts down every request in flight (SIGTERM must not wait for a slow peer).
+- :func:`abort` shuts down every request in flight on a session and refuses new ones (SIGTERM
+  must not wait for a slow peer).
 
 Failures are :class:`HttpFailure` with a ``kind`` the caller maps onto its own error class;
 messages never carry a URL or a body.
@@ -37,7 +38,7 @@ __all__ = [
     "ACCEPT_ENCODING",
     "Answer",
     "HttpFailure",
-    "abort_all",
+    "abort",
     "bounded_request",
     "bounded_session",
 ]
@@ -72,16 +73,17 @@ class Answer:
 class _Reaper:
     def __init__(self) -> None:
         self._lock = threading.Condition()
-        self._live: dict[int, tuple[float, socket.socket]] = {}
+        self._live: dict[int, tuple[float, int, socket.socket]] = {}
         self._heap: list[tuple[float, int]] = []
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._local = threading.local()
-        self._aborted = False
+        self._aborted: set[int] = set()  # sessions (by id) whose requests are refused
 
     # The deadline of the request this thread is making; the connection classes below read it.
-    def begin(self, deadline: float) -> None:
+    def begin(self, deadline: float, group: int) -> None:
         self._local.deadline = deadline
+        self._local.group = group
         self._local.tickets = []
 
     def end(self) -> None:
@@ -94,18 +96,24 @@ class _Reaper:
 
     def expired(self) -> bool:
         deadline = getattr(self._local, "deadline", None)
-        return self._aborted or (deadline is not None and time.monotonic() >= deadline)
+        if getattr(self._local, "group", None) in self._aborted:
+            return True
+        return deadline is not None and time.monotonic() >= deadline
+
+    def refused(self, group: int) -> bool:
+        return group in self._aborted
 
     def watch(self, sock: socket.socket | None) -> None:
         deadline = getattr(self._local, "deadline", None)
         if sock is None or deadline is None:
             return
+        group: int = self._local.group
         with self._lock:
-            if self._aborted:
+            if group in self._aborted:
                 _shut(sock)
                 return
             ticket = next(self._ids)
-            self._live[ticket] = (deadline, sock)
+            self._live[ticket] = (deadline, group, sock)
             heapq.heappush(self._heap, (deadline, ticket))
             self._local.tickets.append(ticket)
             if self._thread is None:
@@ -113,12 +121,13 @@ class _Reaper:
                 self._thread.start()
             self._lock.notify()
 
-    def abort_all(self) -> None:
+    def abort(self, group: int) -> None:
         with self._lock:
-            self._aborted = True
-            for _, sock in self._live.values():
-                _shut(sock)
-            self._live.clear()
+            self._aborted.add(group)
+            for ticket, (_, owner, sock) in list(self._live.items()):
+                if owner == group:
+                    _shut(sock)
+                    del self._live[ticket]
 
     def _run(self) -> None:
         with self._lock:
@@ -128,7 +137,7 @@ class _Reaper:
                     _, ticket = heapq.heappop(self._heap)
                     entry = self._live.pop(ticket, None)
                     if entry is not None:
-                        _shut(entry[1])
+                        _shut(entry[2])
                 wait = self._heap[0][0] - now if self._heap else 60.0
                 self._lock.wait(min(wait, 60.0))
 
@@ -147,9 +156,10 @@ def _shut(sock: socket.socket) -> None:
 _REAPER: Final = _Reaper()
 
 
-def abort_all() -> None:
-    """Shut down every request in flight and refuse new ones (the process is stopping)."""
-    _REAPER.abort_all()
+def abort(session: requests.Session) -> None:
+    """Shut down every request in flight on ``session`` and refuse new ones on it (the process
+    is stopping)."""
+    _REAPER.abort(id(session))
 
 
 class _WatchedHTTPConnection(HTTPConnection):
@@ -215,7 +225,9 @@ def bounded_request(
     step = deadline - now
     if step <= 0:
         raise HttpFailure("timeout", "no time left before the deadline")
-    _REAPER.begin(deadline)
+    if _REAPER.refused(id(session)):
+        raise HttpFailure("network", "stopping: no new requests")
+    _REAPER.begin(deadline, id(session))
     try:
         try:
             response = session.send(

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable
 from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.samples import Sample
 
 from monitor import __version__
 from monitor.core.rules import EVENT_KINDS
@@ -81,11 +85,8 @@ class Metrics:
             ["sink", "outcome"],
             registry=registry,
         )
-        self.outbox_pending = Gauge(
-            "genauth_monitor_outbox_pending",
-            "Alert deliveries waiting in the outbox.",
-            registry=registry,
-        )
+        self.outbox_pending = _OutboxPending()
+        registry.register(self.outbox_pending)
         self.build_info = Gauge(
             "genauth_monitor_build_info",
             "Build information of genauth-monitor.",
@@ -105,6 +106,7 @@ class Metrics:
     def declare_sink(self, sink: str) -> None:
         for outcome in ("sent", "failed"):
             self.deliveries.labels(sink=sink, outcome=outcome)
+        self.outbox_pending.set(sink, 0)
 
     def set_config(
         self, target: str, *, enabled: bool, provider_type: str | None, hash_: str, drift: bool
@@ -125,6 +127,9 @@ class Metrics:
         if at is not None:
             self.last_change.labels(target=target).set(at.timestamp())
 
+    def set_outbox_pending(self, sink: str, count: int) -> None:
+        self.outbox_pending.set(sink, count)
+
     def set_up(self, target: str, up: bool, last_success: datetime | None) -> None:
         self.up.labels(target=target).set(1 if up else 0)
         if last_success is not None:
@@ -136,3 +141,29 @@ class Metrics:
 
     def count_event(self, target: str, kind: str) -> None:
         self.changes.labels(target=target, kind=kind).inc()
+
+
+class _OutboxPending:
+    """``genauth_monitor_outbox_pending``: one series per sink and the total without a label
+    (one metric name cannot be both with a plain Gauge)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def set(self, sink: str, count: int) -> None:
+        with self._lock:
+            self._counts[sink] = count
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            counts = dict(self._counts)
+        family = GaugeMetricFamily(
+            "genauth_monitor_outbox_pending",
+            "Alert deliveries not yet accepted by their sink, per sink and in total.",
+            labels=["sink"],
+        )
+        for sink, count in sorted(counts.items()):
+            family.add_metric([sink], count)
+        family.samples.append(Sample(family.name, {}, sum(counts.values())))
+        yield family

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from monitor.timeutil import utc_now
 __all__ = ["PollScheduler", "ScheduledTarget", "backoff_delay"]
 
 log = logging.getLogger("monitor.scheduler")
+
+WATCH_EVERY = 0.5  # seconds between the watchdog's looks at the polls in flight
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,10 +103,25 @@ class PollScheduler:
         self._backoff_max = backoff_max
         self._now = now
         self._monotonic = monotonic
+        self._stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
 
     @property
     def running(self) -> bool:
         return bool(self._scheduler.running)
+
+    def _watch(self) -> None:
+        """Count polls that overran their deadline as failed, whatever they are stuck in (a
+        DNS lookup, a proxy): a poll can never keep ``up`` at 1 by not finishing. Its own
+        thread, so that even a pool of stuck workers cannot stop it."""
+        while not self._stop.wait(WATCH_EVERY):
+            now = self._monotonic()
+            for target in self._targets:
+                if target.poller.expire_if_overdue(now):
+                    log.warning(
+                        "poll overran its deadline; counted as failed",
+                        extra={"target": target.poller.name, "deadline_s": target.poller.deadline},
+                    )
 
     def start(self) -> None:
         now = self._now()
@@ -117,10 +135,12 @@ class PollScheduler:
                 next_run_time=now + timedelta(seconds=random.uniform(0, min(spread, 5.0))),
             )
         self._scheduler.start()
+        self._watchdog = threading.Thread(target=self._watch, name="poll-watchdog", daemon=True)
+        self._watchdog.start()
 
     def shutdown(self) -> None:
+        self._stop.set()
         if self._scheduler.running:
-            # Do not wait for a poll in flight: it ends by its own HTTP timeout and its outcome
-            # is written like any other (an outcome the database refused is lost with the
-            # process; the next start polls again).
+            # Do not wait for a poll in flight: the daemon aborts its HTTP requests, and its
+            # outcome, if any, is written like any other.
             self._scheduler.shutdown(wait=False)

@@ -3,13 +3,24 @@
 A poll's outcome is queued before it is written, so a database outage loses nothing: the queue
 is written in order once the database answers again (events computed then, with the times the
 polls really happened). Repeated sightings of the same snapshot collapse into one queue entry.
+
+The daemon polls and writes on different threads (``write_inline=False``): a poll fetches,
+judges, sets the gauges and queues its outcome, and the recorder (:mod:`monitor.recorder`)
+writes the queues. A slow or frozen database therefore never stops polling, and ``up`` and the
+state gauges tell the truth meanwhile. ``check`` writes inline, to print what it recorded.
+
+A poll that has not finished within its deadline is a failed poll (``timeout``) as soon as the
+deadline passes (:meth:`TargetPoller.expire_if_overdue`, called by a watchdog); its late outcome
+is discarded. A bug inside a poll is a failed poll too (``internal``), never silence.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,6 +40,7 @@ from monitor.core import (
     snapshot_hash,
 )
 from monitor.core.alerting import apply_ignore
+from monitor.core.canonical import UnusableDocument
 from monitor.errors import StorageError, UpstreamError
 from monitor.metrics import Metrics
 from monitor.storage import FailureRecord, Store, TargetState
@@ -56,6 +68,7 @@ class _Seen:
     drift: bool
     times: int = 1
     last_at: datetime | None = None  # the latest sighting, when sightings were collapsed
+    writing: bool = False  # being written: later sightings must not collapse into it
 
     @property
     def seen_last(self) -> datetime:
@@ -98,6 +111,9 @@ class TargetPoller:
         failure_threshold: int,
         clock: Clock,
         ignore: Sequence[str] = (),
+        deadline: float = 20.0,
+        write_inline: bool = True,
+        on_pending: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self._fetcher = fetcher
@@ -112,6 +128,13 @@ class TargetPoller:
         self._pending: deque[_Seen | _Failed] = deque(maxlen=MAX_PENDING)
         self._last_answer: tuple[dict[str, Any], Any, str, bool] | None = None
         self.failures_in_a_row = 0
+        self.deadline = deadline
+        self._write_inline = write_inline
+        self.on_pending = on_pending
+        self._lock = threading.Lock()  # the queue and the in-flight mark
+        self._write_lock = threading.Lock()  # one writer of this target's queue at a time
+        self._in_flight: float | None = None  # monotonic start of the poll running now
+        self._abandoned = False  # that poll overran its deadline and was counted as failed
 
     def restore(self, state: TargetState) -> None:
         """Start from a state read at start-up, and show it in the gauges before any poll."""
@@ -133,19 +156,33 @@ class TargetPoller:
     def poll(self) -> PollResult:
         started = time.perf_counter()
         now = self._clock()
+        with self._lock:
+            self._in_flight, self._abandoned = time.monotonic(), False
         try:
-            data = self._fetcher.fetch_email_provider()
-            document, digest, drift = self._judged(data)
-        except UpstreamError as error:
-            return self._failed(error, now, started)
+            observed: tuple[Any, str, bool] | UpstreamError = self._observe()
         except Exception as exc:
-            # JSON that parses but is not I-JSON (a lone surrogate, absurd nesting) must count
-            # as a failure, raise poll_failing and turn `up` to 0, never pass silently.
-            unusable = UpstreamError(
-                "invalid_response",
-                f"get-email-provider: answer cannot be canonicalised ({type(exc).__name__})",
+            # A bug of ours (never an upstream fault): a failed poll, loudly, with the traceback.
+            log.exception("poll failed: internal error", extra={"target": self.name})
+            observed = UpstreamError(
+                "internal", f"internal error in the poll ({type(exc).__name__}); see the log"
             )
-            return self._failed(unusable, now, started)
+        with self._lock:
+            abandoned, self._in_flight = self._abandoned, None
+        if abandoned:
+            log.warning(
+                "a poll that overran its deadline finished; its outcome is discarded",
+                extra={"target": self.name, "seconds": round(time.perf_counter() - started, 1)},
+            )
+            return PollResult(
+                self.name,
+                False,
+                error=self._overdue_error(),
+                stored=False,
+                failures_in_a_row=self.failures_in_a_row,
+            )
+        if isinstance(observed, UpstreamError):
+            return self._failed(observed, now, started)
+        document, digest, drift = observed
         self.failures_in_a_row = 0
         self._metrics.set_config(
             self.name,
@@ -156,9 +193,40 @@ class TargetPoller:
         )
         self._metrics.set_up(self.name, True, now)
         self._enqueue_seen(_Seen(now, digest, document, drift))
-        events, stored = self._flush()
+        events, stored = self._written()
         self._metrics.observe_poll(self.name, "success", time.perf_counter() - started)
         return PollResult(self.name, True, digest, document, drift, events=events, stored=stored)
+
+    def _observe(self) -> tuple[Any, str, bool] | UpstreamError:
+        """Fetch and judge; an upstream fault or an unusable answer as an UpstreamError."""
+        try:
+            data = self._fetcher.fetch_email_provider()
+        except UpstreamError as error:
+            return error
+        try:
+            return self._judged(data)
+        except (UnusableDocument, RecursionError, UnicodeError) as exc:
+            # JSON that parses but is not I-JSON (a lone surrogate, absurd nesting) must count
+            # as a failure, raise poll_failing and turn `up` to 0, never pass silently.
+            return UpstreamError(
+                "invalid_response",
+                f"get-email-provider: answer cannot be canonicalised ({type(exc).__name__})",
+            )
+
+    def expire_if_overdue(self, now: float) -> bool:
+        """Count the poll in flight as failed once it has run past its deadline (monotonic
+        ``now``); True when it did. Called by a watchdog thread, never by the poll itself."""
+        with self._lock:
+            if self._in_flight is None or self._abandoned or now - self._in_flight < self.deadline:
+                return False
+            self._abandoned = True
+        self._failed(self._overdue_error(), self._clock(), time.perf_counter() - self.deadline)
+        return True
+
+    def _overdue_error(self) -> UpstreamError:
+        return UpstreamError(
+            "timeout", f"get-email-provider: poll did not finish within {self.deadline:g} s"
+        )
 
     def _judged(self, data: dict[str, Any]) -> tuple[Any, str, bool]:
         """The redacted document, its hash and its baseline verdict, reused while the upstream
@@ -199,8 +267,9 @@ class TargetPoller:
             api_code=error.api_code,
             request_id=_bounded(error.request_id, 128),
         )
-        self._queue(_Failed(now, failure))
-        events, stored = self._flush()
+        with self._lock:
+            self._queue(_Failed(now, failure))
+        events, stored = self._written()
         self._metrics.observe_poll(self.name, error.reason, time.perf_counter() - started)
         return PollResult(
             self.name,
@@ -212,11 +281,30 @@ class TargetPoller:
         )
 
     def _enqueue_seen(self, seen: _Seen) -> None:
-        last = self._pending[-1] if self._pending else None
-        if isinstance(last, _Seen) and last.hash == seen.hash and last.drift == seen.drift:
-            last.last_at, last.times = seen.at, last.times + 1
-        else:
-            self._queue(seen)
+        with self._lock:
+            last = self._pending[-1] if self._pending else None
+            if (
+                isinstance(last, _Seen)
+                and not last.writing
+                and last.hash == seen.hash
+                and last.drift == seen.drift
+            ):
+                last.last_at, last.times = seen.at, last.times + 1
+            else:
+                self._queue(seen)
+
+    def _written(self) -> tuple[list[EventDraft], bool]:
+        """Write the queue now (``check``), or leave it to the recorder (the daemon)."""
+        if self._write_inline:
+            return self.flush()
+        if self.on_pending is not None:
+            self.on_pending()
+        return [], False
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
 
     def _queue(self, outcome: _Seen | _Failed) -> None:
         if len(self._pending) == MAX_PENDING:
@@ -226,30 +314,45 @@ class TargetPoller:
             )
         self._pending.append(outcome)
 
-    def _flush(self) -> tuple[list[EventDraft], bool]:
-        """Write queued outcomes in order; stop at the first database failure."""
-        written: list[EventDraft] = []
-        try:
-            while self._pending:
-                try:
-                    written.extend(self._apply(self._pending[0]))
-                except StorageError as exc:
-                    if not exc.permanent:
-                        raise
-                    # The database refuses this outcome's data itself: retrying it would
-                    # block every later poll of the target, so it is dropped, loudly.
-                    log.error(
-                        "poll outcome the database cannot store; dropped",
-                        extra={"target": self.name, "detail": str(exc)},
-                    )
-                self._pending.popleft()
-        except StorageError as exc:
-            log.error(
-                "cannot record poll; kept in memory until the database answers",
-                extra={"target": self.name, "detail": str(exc), "pending": len(self._pending)},
-            )
-            return written, False
-        return written, True
+    def flush(self) -> tuple[list[EventDraft], bool]:
+        """Write queued outcomes in order; stop at the first database failure. Returns the
+        events written and whether the queue is now empty."""
+        with self._write_lock:
+            written: list[EventDraft] = []
+            try:
+                while (head := self._head()) is not None:
+                    try:
+                        written.extend(self._apply(head))
+                    except StorageError as exc:
+                        if not exc.permanent:
+                            raise
+                        # The database refuses this outcome's data itself: retrying it would
+                        # block every later poll of the target, so it is dropped, loudly.
+                        log.error(
+                            "poll outcome the database cannot store; dropped",
+                            extra={"target": self.name, "detail": str(exc)},
+                        )
+                    with self._lock:
+                        self._pending.popleft()
+            except StorageError as exc:
+                if isinstance(head, _Seen):
+                    with self._lock:
+                        head.writing = False
+                log.error(
+                    "cannot record poll; kept in memory until the database answers",
+                    extra={"target": self.name, "detail": str(exc), "pending": self.pending},
+                )
+                return written, False
+            return written, True
+
+    def _head(self) -> _Seen | _Failed | None:
+        with self._lock:
+            if not self._pending:
+                return None
+            head = self._pending[0]
+            if isinstance(head, _Seen):
+                head.writing = True
+            return head
 
     def _apply(self, outcome: _Seen | _Failed) -> list[EventDraft]:
         for _ in range(3):

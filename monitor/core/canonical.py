@@ -12,9 +12,14 @@ from typing import Any
 
 import rfc8785
 
-__all__ = ["HASH_PREFIX", "canonical_json", "snapshot_hash"]
+__all__ = ["HASH_PREFIX", "UnusableDocument", "canonical_json", "snapshot_hash"]
 
 HASH_PREFIX = "sha256:"
+
+
+class UnusableDocument(ValueError):
+    """A document that parsed as JSON but has no canonical form (a lone surrogate, nesting
+    too deep to walk): an unusable upstream answer, not a bug of ours."""
 
 
 def canonical_json(document: Any) -> bytes:
@@ -25,9 +30,12 @@ def canonical_json(document: Any) -> bytes:
     float, which the GenAuth client already refuses, is hashed as its Python name.
     """
     try:
-        return bytes(rfc8785.dumps(document))
-    except (rfc8785.IntegerDomainError, rfc8785.FloatDomainError):
-        return bytes(rfc8785.dumps(_to_i_json(document)))
+        try:
+            return bytes(rfc8785.dumps(document))
+        except (rfc8785.IntegerDomainError, rfc8785.FloatDomainError):
+            return bytes(rfc8785.dumps(_to_i_json(document)))
+    except (rfc8785.CanonicalizationError, RecursionError, UnicodeError) as exc:
+        raise UnusableDocument(f"no canonical form ({type(exc).__name__})") from None
 
 
 def _to_i_json(value: Any) -> Any:

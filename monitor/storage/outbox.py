@@ -65,10 +65,18 @@ class Outbox:
         self.engine = engine
         self._writer = engine.execution_options(**{WRITE: True})
 
-    def due(self, sink: str, now: datetime, limit: int = 20) -> list[PendingDelivery]:
-        """The oldest pending rows of ``sink`` if its oldest is due (order is kept per sink)."""
+    def due(
+        self, sink: str, now: datetime, limit: int = 20, *, max_wait: float | None = None
+    ) -> list[PendingDelivery]:
+        """The oldest pending rows of ``sink`` if its oldest is due (order is kept per sink).
+
+        A due time more than ``max_wait`` seconds ahead (the sink's backoff cap) was stored by
+        a clock that has since jumped back: it counts as due now."""
         rows = self._pending(sink=sink, limit=limit)
-        if not rows or rows[0].next_attempt_at > now:
+        if not rows:
+            return []
+        ahead = (rows[0].next_attempt_at - now).total_seconds()
+        if ahead > 0 and (max_wait is None or ahead <= max_wait):
             return []
         return rows
 
