@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -15,6 +16,10 @@ class Receiver:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.status = 200
+        # Seconds between the bytes of the answer: a sink that crawls (answers one byte at a
+        # time), for the lane tests. 0 answers at once.
+        self.drip = 0.0
+        self.received_at: list[float] = []  # wall-clock time of each recorded request
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self.port = 0
@@ -31,11 +36,19 @@ class Receiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with receiver._lock:
-                    status = receiver.status
-                    if status < 300:
+                    status, drip = receiver.status, receiver.drip
+                    if status < 300 and not drip:
                         receiver.requests.append(
                             {"path": self.path, "headers": dict(self.headers), "body": body}
                         )
+                        receiver.received_at.append(time.time())
+                if drip:
+                    self.close_connection = True
+                    for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n":
+                        time.sleep(drip)
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                    return
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()

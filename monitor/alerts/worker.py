@@ -34,6 +34,7 @@ log = logging.getLogger("monitor.alerts")
 
 FIRST_RETRY = 1.0
 REJECT_AFTER = 3  # attempts refused with a permanent 4xx before a row is set aside
+COUNT_EVERY = 1.0  # seconds between refreshes of the pending gauge
 SYNC_EVERY = 60.0  # Alertmanager wants firing alerts re-posted every 30 s to 3 min
 
 
@@ -84,7 +85,6 @@ class _Lane:
         now = self._clock()
         sent = self._deliver(now)
         self._maintain(now)
-        self._metrics.set_outbox_pending(self.sink, self._outbox.pending_count([self.sink]))
         return sent
 
     def loop(self) -> None:
@@ -248,14 +248,34 @@ class DeliveryWorker:
             for policy in policies
         ]
         self._sinks = [lane.sink for lane in self._lanes]
+        self._metrics = metrics
         self._threads: list[threading.Thread] = []
+        self._recount = threading.Event()
 
     def wake(self) -> None:
         for lane in self._lanes:
             lane.wake.set()
+        self._recount.set()
 
     def start(self) -> None:
         self._threads = [self._thread(lane.loop, lane.sink) for lane in self._lanes]
+        if self._lanes:
+            self._threads.append(self._thread(self._count_loop, "pending"))
+
+    def _count_loop(self) -> None:
+        """The pending gauge, apart from the lanes: a lane stuck in a slow send must not
+        leave its sink's count stale."""
+        while not self._stop.is_set():
+            try:
+                self._count()
+            except StorageError:
+                pass  # the lanes log the outage
+            self._recount.wait(COUNT_EVERY)
+            self._recount.clear()
+
+    def _count(self) -> None:
+        for sink, count in self._outbox.pending_counts(self._sinks).items():
+            self._metrics.set_outbox_pending(sink, count)
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop every lane; a lane in the middle of a send gets ``timeout`` seconds in all
@@ -268,7 +288,9 @@ class DeliveryWorker:
 
     def run_once(self) -> int:
         """One round over every lane, in this thread; returns the rows delivered."""
-        return sum(lane.run_once() for lane in self._lanes)
+        sent = sum(lane.run_once() for lane in self._lanes)
+        self._count()
+        return sent
 
     def drain(self, timeout: float) -> int:
         """Deliver until nothing is due or ``timeout`` passes (``check``); the rows left.
@@ -280,6 +302,7 @@ class DeliveryWorker:
         threads = [self._thread(lane.drain, lane.sink, give_up) for lane in self._lanes]
         for thread in threads:
             thread.join(max(0.0, give_up - time.monotonic()) + 0.5)
+        self._count()
         return self._outbox.pending_count(self._sinks)
 
     def sync_now(self) -> None:

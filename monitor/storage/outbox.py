@@ -97,6 +97,18 @@ class Outbox:
             ).scalar_one()
             return int(count)
 
+    def pending_counts(self, sinks: Collection[str]) -> dict[str, int]:
+        """Rows still to deliver, per sink (0 for a sink with none)."""
+        with self._connect() as c:
+            rows = c.execute(
+                select(outbox.c.sink, func.count())
+                .where(outbox.c.status == "pending", outbox.c.sink.in_(list(sinks)))
+                .group_by(outbox.c.sink)
+            ).all()
+        counts = dict.fromkeys(sinks, 0)
+        counts.update({sink: int(count) for sink, count in rows})
+        return counts
+
     def next_due(self, sinks: Collection[str]) -> datetime | None:
         """When the next delivery attempt is due: the earliest *head* of a sink's queue (rows
         behind a sink's oldest wait for it, whatever their own time says)."""
