@@ -12,6 +12,7 @@ while a sink was down cannot park its queue for a day.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -266,10 +267,8 @@ class DeliveryWorker:
         """The pending gauge, apart from the lanes: a lane stuck in a slow send must not
         leave its sink's count stale."""
         while not self._stop.is_set():
-            try:
+            with contextlib.suppress(StorageError):  # the lanes log the outage
                 self._count()
-            except StorageError:
-                pass  # the lanes log the outage
             self._recount.wait(COUNT_EVERY)
             self._recount.clear()
 
