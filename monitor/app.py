@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import logging
 import os
@@ -38,6 +40,7 @@ __all__ = ["Daemon", "Runtime", "build_runtime", "fingerprint_key"]
 log = logging.getLogger("monitor")
 
 KEY_FILE_SUFFIX = ".fingerprint-key"
+_M_MMAP_THRESHOLD: Final = -3  # mallopt parameter, from glibc's malloc.h
 POLL_WORKERS: Final = 10  # polls in flight at once (each holds at most one bounded body)
 READY_WAIT: Final = 0.8  # seconds /readyz waits for the database
 STOP_WRITE_WAIT: Final = 2.0  # seconds a stopping daemon waits to write what it saw
@@ -201,10 +204,23 @@ def _max_response_bytes(settings: Settings, target: TargetSettings) -> int:
     return int(effective(settings.monitor)) if effective is not None else DEFAULT_MAX_RESPONSE_BYTES
 
 
+def _return_big_buffers_to_the_os() -> None:
+    """Have glibc map every allocation over 256 KiB on its own, so that a body buffer is
+    given back to the OS when freed. Left to itself, glibc raises that threshold after the
+    first big free, and each poll thread's arena then keeps its bodies' high-water mark: a
+    hostile upstream would inflate the daemon's RSS by the cap times the workers."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 class Daemon:
     """``run``: scheduler, recorder, delivery lanes and HTTP server over one runtime."""
 
     def __init__(self, settings: Settings, *, clock: Clock = utc_now) -> None:
+        _return_big_buffers_to_the_os()
         self.recorder = Recorder()
         self.runtime = build_runtime(settings, clock=clock, recorder=self.recorder)
         monitor = settings.monitor

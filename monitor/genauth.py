@@ -49,6 +49,7 @@ from monitor.httpio import (
     ACCEPT_ENCODING,
     Answer,
     HttpFailure,
+    body_budget,
     bounded_request,
     bounded_session,
 )
@@ -56,6 +57,7 @@ from monitor.httpio import (
 __all__ = ["DEFAULT_MAX_RESPONSE_BYTES", "PROVIDER_PATH", "TOKEN_PATH", "GenAuthClient"]
 
 DEFAULT_MAX_RESPONSE_BYTES: Final = 1024 * 1024
+MAX_JSON_VALUES: Final = 10_000
 
 TOKEN_PATH: Final = "/api/v3/get-management-token"
 PROVIDER_PATH: Final = "/api/v3/get-email-provider"
@@ -175,7 +177,10 @@ class GenAuthClient:
 
         The whole call (a token if needed, the request, one re-authentication and retry) has
         a deadline of twice the timeout; each request within it is bounded by both."""
-        deadline = time.monotonic() + 2 * self.timeout
+        with body_budget():
+            return self._fetch_within(time.monotonic() + 2 * self.timeout)
+
+    def _fetch_within(self, deadline: float) -> dict[str, Any]:
         request = self._current_request(deadline)
         try:
             return self._fetch(request, deadline)
@@ -348,6 +353,14 @@ class GenAuthClient:
         raise error from None
 
     def _decode(self, response: Answer, endpoint: str) -> Any:
+        values = _json_values(response.body)
+        if values > MAX_JSON_VALUES:
+            # Parsing, redacting and hashing cost memory and CPU per value, not per byte: a
+            # 1 MiB body of [{},{},...] would build a third of a million objects, times every
+            # poll in flight. A real answer holds a few dozen.
+            self._invalid(
+                response, endpoint, f"answer holds more than {MAX_JSON_VALUES} JSON values"
+            )
         try:
             return json.loads(
                 response.body, parse_constant=_reject_constant, parse_float=_finite_float
@@ -453,6 +466,26 @@ def _describe_body(response: Answer) -> str:
     ctype = (response.headers.get("Content-Type") or "").split(";", 1)[0].strip()
     ctype = _CONTROL.sub("", ctype)[:60] or "no content type"
     return f"{ctype}, {len(response.body)} bytes"
+
+
+_JSON_STRING: Final = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def _json_values(body: bytes | bytearray) -> int:
+    """How many values a JSON text holds, about (each opening bracket and each comma outside
+    strings), counted without building any of them."""
+    total = _structure(body, 0, len(body))
+    if total <= MAX_JSON_VALUES:
+        return total  # the common case: no need to look inside strings
+    for string in _JSON_STRING.finditer(body):
+        total -= _structure(body, string.start(), string.end())
+    return total + 1
+
+
+def _structure(body: bytes | bytearray, start: int, end: int) -> int:
+    # Counted in place: a copy of a body up to the cap, per poll in flight, is what the value
+    # limit is there to avoid.
+    return sum(body.count(mark, start, end) for mark in (b",", b"{", b"["))
 
 
 def _reject_constant(name: str) -> Any:

@@ -10,6 +10,9 @@ read into memory. Here every request has
 - a **size cap** on the body *after* decompression: the body is read raw in chunks and
   decompressed here with a bounded output (``Accept-Encoding`` offers only gzip and deflate),
   so neither an endless chunked stream nor a bomb costs more than the cap;
+- a **process-wide budget** of body bytes in flight (:func:`body_budget`): however many
+  requests run, the bodies held at once stay under it (a request waits for room, up to its
+  deadline), so a hostile upstream cannot multiply the cap by the number of workers;
 - :func:`abort` shuts down every request in flight on a session and refuses new ones (SIGTERM
   must not wait for a slow peer).
 
@@ -39,8 +42,10 @@ __all__ = [
     "Answer",
     "HttpFailure",
     "abort",
+    "body_budget",
     "bounded_request",
     "bounded_session",
+    "set_body_budget",
 ]
 
 ACCEPT_ENCODING: Final = "gzip, deflate"
@@ -204,6 +209,74 @@ def bounded_session(pool_size: int = 10) -> requests.Session:
     return session
 
 
+# -- the budget of body bytes in flight ------------------------------------------------------
+
+DEFAULT_BUDGET: Final = 4 * 1024 * 1024
+
+
+class _Budget:
+    """Room for bodies in flight. A body up to SMALL bytes (every real answer) needs none; a
+    larger one reserves its whole cap at once, so a holder never waits again and readers
+    cannot deadlock each holding part of the room."""
+
+    SMALL: Final = 64 * 1024
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._reserved = 0
+        self._cond = threading.Condition()
+        self._local = threading.local()
+
+    def take(self, size: int, cap: int, deadline: float) -> None:
+        """Account ``size`` more bytes of the current scope's body (at most ``cap`` in all)."""
+        local = self._local
+        if getattr(local, "read", None) is None:
+            return  # not within a budget scope (the sinks: their answers are tiny)
+        local.read += size
+        if local.read <= self.SMALL or local.reserved:
+            return
+        with self._cond:
+            # An empty budget always lets one reader in: a body up to its cap must be
+            # readable even when that cap alone exceeds the budget.
+            while self._reserved and self._reserved + cap > self.total:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise HttpFailure("timeout", "no room for the body before the deadline")
+                self._cond.wait(left)
+            self._reserved += cap
+            local.reserved = cap
+
+    def enter(self) -> None:
+        self._local.read, self._local.reserved = 0, 0
+
+    def leave(self) -> None:
+        reserved = getattr(self._local, "reserved", 0)
+        self._local.read, self._local.reserved = None, 0
+        if reserved:
+            with self._cond:
+                self._reserved -= reserved
+                self._cond.notify_all()
+
+
+_BUDGET: Final = _Budget(DEFAULT_BUDGET)
+
+
+def set_body_budget(total: int) -> None:
+    """The process-wide room for bodies in flight (at least the largest ``max_bytes`` used)."""
+    _BUDGET.total = max(total, 64 * 1024)
+
+
+class body_budget:
+    """Bodies read in this thread within the ``with`` count against the budget until it ends
+    (the caller's parsing of them included)."""
+
+    def __enter__(self) -> None:
+        _BUDGET.enter()
+
+    def __exit__(self, *exc: object) -> None:
+        _BUDGET.leave()
+
+
 # -- one bounded request ----------------------------------------------------------------------
 
 
@@ -241,7 +314,7 @@ def bounded_request(
         except requests.RequestException as exc:
             raise _translate(exc) from None
         try:
-            body = _read_body(response, max_bytes)
+            body = _read_body(response, max_bytes, deadline)
         except BaseException:
             response.close()  # an unread rest: the connection cannot be reused
             raise
@@ -251,12 +324,12 @@ def bounded_request(
         _REAPER.end()
 
 
-def _read_body(response: requests.Response, max_bytes: int) -> bytes:
+def _read_body(response: requests.Response, max_bytes: int, deadline: float) -> bytes:
     declared = response.headers.get("Content-Length", "")
     encoding = (response.headers.get("Content-Encoding") or "identity").strip().lower()
     if encoding == "identity" and declared.isdigit() and int(declared) > max_bytes:
         raise HttpFailure("too_large", f"body of {int(declared)} bytes exceeds {max_bytes}")
-    decoder = _Decoder(encoding, max_bytes)
+    decoder = _Decoder(encoding, max_bytes, deadline)
     try:
         for chunk in response.raw.stream(_CHUNK, decode_content=False):
             decoder.feed(chunk)
@@ -270,8 +343,9 @@ def _read_body(response: requests.Response, max_bytes: int) -> bytes:
 class _Decoder:
     """Content-Encoding undone with a bounded output."""
 
-    def __init__(self, encoding: str, limit: int) -> None:
+    def __init__(self, encoding: str, limit: int, deadline: float) -> None:
         self._limit = limit
+        self._deadline = deadline
         self._parts: list[bytes] = []
         self._size = 0
         self._inflate: Any = None
@@ -311,11 +385,13 @@ class _Decoder:
         if self._size > self._limit:
             raise HttpFailure("too_large", f"body exceeds {self._limit} bytes")
         if data:
+            _BUDGET.take(len(data), self._limit, self._deadline)
             self._parts.append(data)
 
     def finish(self) -> bytes:
         if self._inflate is not None:
             self._add(self._inflate.flush())
+        # One allocation of the final size (a growing buffer would leave a trail of copies).
         return b"".join(self._parts)
 
 

@@ -113,8 +113,10 @@ API_CODE_INTERNAL_ERROR: Final = 5000
 #: - ``endless``: HTTP 200, a chunked body that never ends
 #: - ``drip``: HTTP 200, a valid success body sent one byte every ``delay`` seconds
 #: - ``drip_headers``: the status line and headers sent one byte every ``delay`` seconds
+#: - ``dense_json``: HTTP 200, a valid config padded with ``size`` bytes of tiny JSON objects
+#:   (``[{},{},...]``: the most Python objects per byte a parser can be made to build)
 #:
-#: The last five apply to both endpoints. A ``delay`` given with any other kind is slept
+#: The last six apply to both endpoints. A ``delay`` given with any other kind is slept
 #: before that fault's answer too.
 FAULT_KINDS: Final = frozenset(
     {
@@ -136,10 +138,13 @@ FAULT_KINDS: Final = frozenset(
         "endless",
         "drip",
         "drip_headers",
+        "dense_json",
     }
 )
 #: Faults that stream a hostile answer themselves (any ``delay`` is their pace, not a wait).
-STREAM_FAULT_KINDS: Final = frozenset({"huge_body", "gzip_bomb", "endless", "drip", "drip_headers"})
+STREAM_FAULT_KINDS: Final = frozenset(
+    {"huge_body", "gzip_bomb", "endless", "drip", "drip_headers", "dense_json"}
+)
 
 #: Fault kinds of the get-management-token endpoint (same meaning as above;
 #: ``missing_data`` answers a success envelope without ``data``).
@@ -158,6 +163,7 @@ TOKEN_FAULT_KINDS: Final = frozenset(
         "endless",
         "drip",
         "drip_headers",
+        "dense_json",
     }
 )
 
@@ -261,6 +267,13 @@ def _padded_parts(size: int) -> tuple[bytes, bytes, int]:
 
 _BOMBS: dict[int, bytes] = {}
 _BOMBS_LOCK = threading.Lock()
+
+
+def _dense_json(size: int) -> bytes:
+    """A valid success envelope of ``size`` bytes that is mostly ``{},{},...``."""
+    head = b'{"statusCode":200,"message":"Success","data":{"enabled":true,"dense":['
+    count = max(1, (size - len(head) - 2) // 3)
+    return head + b"{}," * (count - 1) + b"{}]}}"
 
 
 def _gzip_bomb(size: int) -> bytes:
@@ -420,6 +433,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
                 if stopping.wait(fault.delay):
                     return
+            return
+        if kind == "dense_json":
+            body = _dense_json(fault.size)
+            self.wfile.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
             return
         if kind == "endless":
             self.wfile.write(
@@ -698,6 +719,8 @@ class SimulatedGenAuth:
             raise ValueError("times must be >= 1 or None")
         if kind in ("slow", "drip", "drip_headers") and delay <= 0:
             raise ValueError(f"the {kind!r} fault needs delay > 0")
+        if kind == "gzip_bomb":
+            _gzip_bomb(size)  # built now, so the first answer is not late
         return _Fault(kind, times, max(0.0, delay), retry_after, size)
 
     # -- called by the handler ------------------------------------------------------------

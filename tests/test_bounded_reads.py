@@ -12,6 +12,8 @@ from monitor.genauth import GenAuthClient
 from monitor.simulator import SimulatedGenAuth
 
 LIMIT = 64 * 1024
+# The hostile answers this file drives (test_simulator_client checks every kind is driven).
+BOUNDED_FAULTS = {"huge_body", "gzip_bomb", "endless", "drip", "drip_headers", "dense_json"}
 
 
 def _client(sim: SimulatedGenAuth, timeout: float = 1.0) -> GenAuthClient:
@@ -92,3 +94,14 @@ def test_the_whole_poll_has_a_deadline_of_twice_the_timeout(simulator: Simulated
         error, took = _failure(client)
     assert error.reason == "timeout"
     assert took < 2.3
+
+
+def test_an_answer_of_too_many_values_is_refused_before_parsing(
+    simulator: SimulatedGenAuth,
+) -> None:
+    # 20,000 empty objects in 60 kB: small in bytes, huge in Python objects.
+    simulator.set_fault("dense_json", size=60_000)
+    with _client(simulator) as client:
+        error, _ = _failure(client)
+    assert error.reason == "invalid_response"
+    assert "JSON values" in error.message
