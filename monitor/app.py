@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import secrets
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Final
 
 import requests
@@ -21,10 +18,10 @@ from monitor.alerts.worker import SinkPolicy
 from monitor.api import create_app
 from monitor.config import Settings, SinkSettings, TargetSettings
 from monitor.core.alerting import SinkRoute
-from monitor.errors import MonitorError
 from monitor.genauth import DEFAULT_MAX_RESPONSE_BYTES, GenAuthClient
 from monitor.http_server import HttpServer
 from monitor.httpio import abort, bounded_session
+from monitor.keyfile import fingerprint_key
 from monitor.metrics import Metrics
 from monitor.recorder import Recorder
 from monitor.scheduler import PollScheduler, ScheduledTarget
@@ -37,49 +34,9 @@ __all__ = ["Daemon", "Runtime", "build_runtime", "fingerprint_key"]
 
 log = logging.getLogger("monitor")
 
-KEY_FILE_SUFFIX = ".fingerprint-key"
 POLL_WORKERS: Final = 10  # polls in flight at once (each holds at most one bounded body)
 READY_WAIT: Final = 0.8  # seconds /readyz waits for the database
 STOP_WRITE_WAIT: Final = 2.0  # seconds a stopping daemon waits to write what it saw
-
-
-def fingerprint_key(settings: Settings) -> bytes:
-    """The HMAC key for secret fingerprints: configured, or a generated file reused later."""
-    configured = settings.monitor.fingerprint_key
-    if configured is not None:
-        return configured.get_secret_value()
-    path = _key_file_path(settings)
-    if not path.exists():
-        _create_key_file(path)
-    key = path.read_text().strip().encode()
-    if not key:
-        raise MonitorError(f"fingerprint key file {path} is empty")
-    return key
-
-
-def _create_key_file(path: Path) -> None:
-    """Write a random key to a private temp file, then link it into place: a process racing
-    us either wins (and we read its key) or finds the file complete, never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secrets.token_hex(32) + "\n")
-    try:
-        os.link(temp, path)
-        log.warning("created a new fingerprint key file", extra={"path": str(path)})
-    except FileExistsError:
-        pass
-    finally:
-        temp.unlink()
-
-
-def _key_file_path(settings: Settings) -> Path:
-    sqlite_path = settings.storage.sqlite_path
-    if sqlite_path is not None:
-        return sqlite_path.with_name(sqlite_path.name + KEY_FILE_SUFFIX)
-    base = settings.source.parent if settings.source is not None else Path.cwd()
-    return base / ("genauth-monitor" + KEY_FILE_SUFFIX)
 
 
 @dataclass

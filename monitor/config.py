@@ -129,9 +129,7 @@ def parse_duration(value: str | float) -> float:
     return seconds
 
 
-def _duration_within(
-    minimum: float, maximum: float, *, above: bool = False
-) -> BeforeValidator:
+def _duration_within(minimum: float, maximum: float, *, above: bool = False) -> BeforeValidator:
     """A duration field bounded to ``[minimum, maximum]`` (``(minimum, maximum]`` if
     ``above``); the message quotes the value as written (durations are never secret)."""
     low, high = format_duration(minimum), format_duration(maximum)
