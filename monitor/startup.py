@@ -51,10 +51,9 @@ def open_storage(settings: Settings, *, migrate: bool) -> Engine:
             raise ConfigError([f"storage.url: {where}: {problem}"])
     engine = create_store_engine(storage.url)
     try:
-        with engine.connect() as connection:
-            # Reading the schema makes SQLite open the file itself (a file that is not a
-            # database fails here); on PostgreSQL any statement proves the login.
-            connection.exec_driver_sql("SELECT count(*) FROM sqlite_master" if path else "SELECT 1")
+        # Connecting logs in to PostgreSQL, and runs SQLite's pragmas, which read the file:
+        # one that is not a database fails here.
+        engine.connect().close()
     except (SQLAlchemyError, sqlite3.Error) as exc:
         engine.dispose()
         raise ConfigError([f"storage.url: {where}: {_reason(exc)}"]) from None

@@ -14,12 +14,14 @@ import os
 import pwd
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import sysconfig
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -38,11 +40,17 @@ Cli = Callable[..., tuple[int, str, str]]
 
 
 @pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Iterator[Cli]:
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Cli]:
     """``main(argv)`` in-process -> (exit code, stdout, stderr); the CLI sets up logging on
-    the root logger, which is put back afterwards."""
-    from monitor.cli import main
+    the root logger, which is put back afterwards. Should a check let ``run`` through, the
+    daemon is not left running (the test would hang): starting it fails the test."""
+    from monitor import cli as cli_module
 
+    def started(_run: object) -> None:
+        raise AssertionError("run got past its start-up checks and started the daemon")
+
+    monkeypatch.setattr(cli_module, "_run_until_signal", started)
+    main = cli_module.main
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
 
@@ -223,6 +231,12 @@ def test_postgresql_refusing_an_unknown_user(tmp_path: Path, cli: Cli) -> None:
 # ----------------------------------------------------------------------------- key file
 
 
+def _tables(database: Path) -> list[str]:
+    """The tables of a SQLite file (opening it to check it may have created it empty)."""
+    with closing(sqlite3.connect(database)) as connection:
+        return [name for (name,) in connection.execute("SELECT name FROM sqlite_master")]
+
+
 def test_empty_generated_key_file(tmp_path: Path, cli: Cli) -> None:
     key_file = tmp_path / "monitor.db.fingerprint-key"
     key_file.write_text("\n")
@@ -233,6 +247,7 @@ def test_empty_generated_key_file(tmp_path: Path, cli: Cli) -> None:
         f"the generated key file {key_file} is empty",
     )
     assert key_file.read_text() == "\n", "an empty key file is never replaced silently"
+    assert _tables(tmp_path / "monitor.db") == [], "checked before the database is migrated"
 
 
 def test_unreadable_generated_key_file(tmp_path: Path, cli: Cli) -> None:
@@ -244,6 +259,7 @@ def test_unreadable_generated_key_file(tmp_path: Path, cli: Cli) -> None:
         "monitor.fingerprint_key_file",
         f"cannot read the generated key file {key_file}: ",
     )
+    assert _tables(tmp_path / "monitor.db") == [], "checked before the database is migrated"
 
 
 def test_key_file_that_cannot_be_created(tmp_path: Path) -> None:
