@@ -14,7 +14,6 @@ reason from a fixed list, never the driver's text: that can carry the URL with i
 from __future__ import annotations
 
 import os
-import sqlite3
 from pathlib import Path
 from typing import Final
 
@@ -54,7 +53,7 @@ def open_storage(settings: Settings, *, migrate: bool) -> Engine:
         # Connecting logs in to PostgreSQL, and runs SQLite's pragmas, which read the file:
         # one that is not a database fails here.
         engine.connect().close()
-    except (SQLAlchemyError, sqlite3.Error) as exc:
+    except SQLAlchemyError as exc:
         engine.dispose()
         raise ConfigError([f"storage.url: {where}: {_reason(exc)}"]) from None
     if migrate:
@@ -124,7 +123,7 @@ _SQLITE_PHRASES: Final = {
 }
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(exc: SQLAlchemyError) -> str:
     """A short reason safe to print: a fixed phrase chosen by the driver's error, else the
     error class as :func:`describe_error` gives it."""
     original = getattr(exc, "orig", None) or exc
@@ -137,6 +136,4 @@ def _reason(exc: BaseException) -> str:
     for marker, phrase in _PHRASES:
         if marker in message:
             return phrase
-    if isinstance(exc, SQLAlchemyError):
-        return describe_error(exc)
-    return f"database error ({type(exc).__name__})"
+    return describe_error(exc)
