@@ -15,6 +15,7 @@ import pwd
 import shutil
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -299,9 +300,8 @@ def _run_as(user: str, *args: str) -> subprocess.CompletedProcess[str] | None:
     paths = [str(root), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    for python in dict.fromkeys([sys.executable, shutil.which(version), f"/usr/bin/{version}"]):
-        if python is None:
-            continue
+    candidates = [sys.executable, shutil.which(version), f"/usr/bin/{version}"]
+    for python in dict.fromkeys(p for p in candidates if p is not None and _open_to_all(p)):
         result = subprocess.run(
             ["runuser", "-u", user, "--", python, "-m", "monitor", *args],
             capture_output=True,
@@ -316,28 +316,63 @@ def _run_as(user: str, *args: str) -> subprocess.CompletedProcess[str] | None:
     return None
 
 
+def _open_to_all(executable: str) -> bool:
+    """Can any user reach and run ``executable`` (every directory on its real path o+x)?"""
+    real = Path(executable).resolve()
+    if not real.is_file() or not real.stat().st_mode & stat.S_IXOTH:
+        return False
+    return all(parent.stat().st_mode & stat.S_IXOTH for parent in real.parents)
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory an unprivileged user can reach (tmp_path is root's and private)."""
+    base = Path("/tmp") / f"gm-startup-{uuid.uuid4().hex[:12]}"
+    base.mkdir(mode=0o755)
+    try:
+        yield base
+    finally:
+        for path in (base, *base.rglob("*")):
+            if path.is_dir():
+                path.chmod(0o755)
+        shutil.rmtree(base)
+
+
 @pytest.mark.skipif(_unprivileged() is None, reason="needs root, runuser and user nobody")
-def test_key_directory_not_writable_as_an_unprivileged_user() -> None:
+def test_sqlite_directory_not_writable_as_an_unprivileged_user(shared_dir: Path) -> None:
+    """A real permission problem: the database directory exists but is not writable."""
+    user = _unprivileged()
+    assert user is not None
+    state = shared_dir / "state"
+    state.mkdir(mode=0o555)
+    config = write_config(shared_dir, storage_url=f"sqlite:///{state / 'monitor.db'}")
+    config.chmod(0o644)
+    result = _run_as(user, "db", "upgrade", "-c", str(config))
+    if result is None:
+        pytest.skip(f"user {user} can run no Python with this checkout")
+    assert_one_line(
+        (result.returncode, result.stdout, result.stderr),
+        "storage.url",
+        f"directory {state} is not writable",
+    )
+    assert list(state.iterdir()) == []
+
+
+@pytest.mark.skipif(_unprivileged() is None, reason="needs root, runuser and user nobody")
+def test_key_directory_not_writable_as_an_unprivileged_user(shared_dir: Path) -> None:
     """A real permission problem: the generated key file's directory (beside the config file,
     with an in-memory database) is not writable by the user running the daemon."""
     user = _unprivileged()
     assert user is not None
-    # tmp_path is root's and private; the user must reach the config file.
-    base = Path("/tmp") / f"gm-startup-{uuid.uuid4().hex[:12]}"
-    base.mkdir(mode=0o755)
-    try:
-        config = write_config(base, storage_url="sqlite://")
-        config.chmod(0o644)
-        base.chmod(0o555)  # readable, not writable
-        result = _run_as(user, "run", "-c", str(config))
-        if result is None:
-            pytest.skip(f"user {user} can run no Python with this checkout")
-        assert_one_line(
-            (result.returncode, result.stdout, result.stderr),
-            "monitor.fingerprint_key_file",
-            f"cannot create the generated key file {base / 'genauth-monitor.fingerprint-key'}",
-            "Permission denied",
-        )
-    finally:
-        base.chmod(0o755)
-        shutil.rmtree(base)
+    config = write_config(shared_dir, storage_url="sqlite://")
+    config.chmod(0o644)
+    shared_dir.chmod(0o555)  # readable, not writable
+    result = _run_as(user, "run", "-c", str(config))
+    if result is None:
+        pytest.skip(f"user {user} can run no Python with this checkout")
+    assert_one_line(
+        (result.returncode, result.stdout, result.stderr),
+        "monitor.fingerprint_key_file",
+        f"cannot create the generated key file {shared_dir / 'genauth-monitor.fingerprint-key'}",
+        "Permission denied",
+    )
