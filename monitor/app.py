@@ -6,11 +6,8 @@ import ctypes
 import ctypes.util
 import functools
 import logging
-import os
-import secrets
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Final
 
 import requests
@@ -23,10 +20,10 @@ from monitor.alerts.worker import SinkPolicy
 from monitor.api import create_app
 from monitor.config import Settings, SinkSettings, TargetSettings
 from monitor.core.alerting import SinkRoute
-from monitor.errors import MonitorError
-from monitor.genauth import DEFAULT_MAX_RESPONSE_BYTES, GenAuthClient
+from monitor.genauth import GenAuthClient
 from monitor.http_server import HttpServer
 from monitor.httpio import abort, bounded_session
+from monitor.keyfile import fingerprint_key
 from monitor.metrics import Metrics
 from monitor.recorder import Recorder
 from monitor.scheduler import PollScheduler, ScheduledTarget
@@ -39,50 +36,10 @@ __all__ = ["Daemon", "Runtime", "build_runtime", "fingerprint_key"]
 
 log = logging.getLogger("monitor")
 
-KEY_FILE_SUFFIX = ".fingerprint-key"
 _M_MMAP_THRESHOLD: Final = -3  # mallopt parameter, from glibc's malloc.h
 POLL_WORKERS: Final = 10  # polls in flight at once (each holds at most one bounded body)
 READY_WAIT: Final = 0.8  # seconds /readyz waits for the database
 STOP_WRITE_WAIT: Final = 2.0  # seconds a stopping daemon waits to write what it saw
-
-
-def fingerprint_key(settings: Settings) -> bytes:
-    """The HMAC key for secret fingerprints: configured, or a generated file reused later."""
-    configured = settings.monitor.fingerprint_key
-    if configured is not None:
-        return configured.get_secret_value()
-    path = _key_file_path(settings)
-    if not path.exists():
-        _create_key_file(path)
-    key = path.read_text().strip().encode()
-    if not key:
-        raise MonitorError(f"fingerprint key file {path} is empty")
-    return key
-
-
-def _create_key_file(path: Path) -> None:
-    """Write a random key to a private temp file, then link it into place: a process racing
-    us either wins (and we read its key) or finds the file complete, never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secrets.token_hex(32) + "\n")
-    try:
-        os.link(temp, path)
-        log.warning("created a new fingerprint key file", extra={"path": str(path)})
-    except FileExistsError:
-        pass
-    finally:
-        temp.unlink()
-
-
-def _key_file_path(settings: Settings) -> Path:
-    sqlite_path = settings.storage.sqlite_path
-    if sqlite_path is not None:
-        return sqlite_path.with_name(sqlite_path.name + KEY_FILE_SUFFIX)
-    base = settings.source.parent if settings.source is not None else Path.cwd()
-    return base / ("genauth-monitor" + KEY_FILE_SUFFIX)
 
 
 @dataclass
@@ -192,16 +149,10 @@ def _client(settings: Settings, target: TargetSettings, session: requests.Sessio
         access_key_secret=target.access_key_secret.get_secret_value(),
         userpool_id=target.userpool_id,
         timeout=target.effective_timeout(settings.monitor),
-        max_response_bytes=_max_response_bytes(settings, target),
+        max_response_bytes=target.effective_max_response_bytes(settings.monitor),
         session=session,
         ca_bundle=str(target.ca_bundle) if target.ca_bundle else None,
     )
-
-
-def _max_response_bytes(settings: Settings, target: TargetSettings) -> int:
-    # TEMPORARY until the max_response_bytes configuration key lands.
-    effective = getattr(target, "effective_max_response_bytes", None)
-    return int(effective(settings.monitor)) if effective is not None else DEFAULT_MAX_RESPONSE_BYTES
 
 
 def _return_big_buffers_to_the_os() -> None:

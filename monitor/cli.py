@@ -246,8 +246,16 @@ def _known_target(settings: Settings, queries: Queries, name: str | None) -> Non
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from monitor.app import Daemon
+    from monitor.keyfile import fingerprint_key
+    from monitor.startup import check_listen, open_storage
 
-    daemon = Daemon(_settings(args))
+    # Everything that can be found wrong before the daemon does anything is exit code 2 with a
+    # line naming the key: the listen address, the database, the fingerprint key file.
+    settings = _settings(args)
+    check_listen(settings)
+    open_storage(settings, migrate=False).dispose()
+    fingerprint_key(settings)
+    daemon = Daemon(settings)
     _run_until_signal(daemon.run_until)
     return EXIT_OK
 
@@ -595,8 +603,10 @@ def _cmd_alerts_retry(args: argparse.Namespace) -> int:
 
 
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from monitor.startup import open_storage
+
     settings = _settings(args, read_only=True)
-    upgrade(create_store_engine(settings.storage.url))
+    open_storage(settings, migrate=True).dispose()
     print(f"database at {settings.storage.display_url} is at the newest schema")
     return EXIT_OK
 

@@ -68,10 +68,12 @@ __all__ = [
     "TargetSettings",
     "default_config_path",
     "format_duration",
+    "format_size",
     "load_settings",
     "parse_duration",
     "parse_percent",
     "parse_settings",
+    "parse_size",
     "summary",
 ]
 
@@ -83,16 +85,35 @@ DEFAULT_LISTEN: Final = "127.0.0.1:9464"
 
 # --------------------------------------------------------------------------- durations, percents
 
-_UNIT_SECONDS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
-_DURATION: Final = re.compile(r"(?:\d+(?:\.\d+)?\s*(?:ms|s|m|h|d)\s*)+")
+_UNIT_SECONDS: Final = {
+    "ms": 0.001,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+    "d": 86400.0,
+    "w": 604800.0,
+}
+_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)")
+_DURATION: Final = re.compile(r"(?:\d+(?:\.\d+)?\s*(?:ms|s|m|h|d|w)\s*)+")
 _PERCENT: Final = re.compile(r"(\d+(?:\.\d+)?)\s*%")
+
+MINUTE: Final = 60.0
+DAY: Final = 86400.0
+# The bounds of SPEC §6 (docs/configuration.md): anything outside them is a typo, not a choice.
+MIN_INTERVAL: Final = 1.0
+MAX_INTERVAL: Final = 7 * DAY
+MAX_TIMEOUT: Final = 5 * MINUTE
+MAX_DURATION: Final = 7 * DAY  # backoff_max, repeat_interval, max_backoff
 
 
 def parse_duration(value: str | float) -> float:
-    """Seconds in ``"30s"``, ``"5m"``, ``"1h"``, ``"1h30m"``, ``"250ms"``, ``"2d"`` or a number."""
+    """Seconds in ``"30s"``, ``"5m"``, ``"1h"``, ``"1h30m"``, ``"250ms"``, ``"2d"``, ``"1w"``
+    or a number; ValueError for anything else, a negative or a non-finite value."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer beyond any float
+            seconds = math.inf
     elif isinstance(value, str) and _DURATION.fullmatch(value.strip()):
         seconds = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(value))
     elif isinstance(value, str):
@@ -101,9 +122,26 @@ def parse_duration(value: str | float) -> float:
         raise ValueError(
             "invalid duration (use a string such as 30s, 5m, 1h or a number of seconds)"
         )
-    if not math.isfinite(seconds) or seconds < 0:
+    if math.isnan(seconds) or math.isinf(seconds):
+        raise ValueError(f"invalid duration {_shown(value)} (too large or not a number)")
+    if seconds < 0:
         raise ValueError(f"invalid duration {_shown(value)} (must not be negative)")
     return seconds
+
+
+def _duration_within(minimum: float, maximum: float, *, above: bool = False) -> BeforeValidator:
+    """A duration field bounded to ``[minimum, maximum]`` (``(minimum, maximum]`` if
+    ``above``); the message quotes the value as written (durations are never secret)."""
+    low, high = format_duration(minimum), format_duration(maximum)
+    bounds = f"more than {low} and at most {high}" if above else f"between {low} and {high}"
+
+    def parse(value: Any) -> float:
+        seconds = parse_duration(value)
+        if seconds < minimum or (above and seconds == minimum) or seconds > maximum:
+            raise ValueError(f"must be {bounds}, not {_shown(value)}")
+        return seconds
+
+    return BeforeValidator(parse)
 
 
 def parse_percent(value: str | float) -> float:
@@ -134,8 +172,71 @@ def format_duration(seconds: float) -> str:
 
 def _shown(value: object) -> str:
     """A non-secret value as quoted in a message, shortened."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an integer with more digits than int -> str converts
+        return "a huge number"
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+# --------------------------------------------------------------------------- sizes
+
+_SIZE_UNITS: Final = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+_SIZE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*([A-Za-z]*)")
+KIB: Final = 1024
+MIB: Final = 1024 * 1024
+MIN_RESPONSE_BYTES: Final = 1 * KIB
+MAX_RESPONSE_BYTES: Final = 64 * MIB
+DEFAULT_MAX_RESPONSE_BYTES: Final = 1 * MIB
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes in ``"1MiB"``, ``"512KiB"``, ``"2MB"`` (decimal: 2,000,000), ``"64kB"``, ``"100B"``
+    or an integer; units are case-insensitive. ValueError for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"invalid size {_shown(value)} (must not be negative)")
+        return value
+    match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(
+            f"invalid size {_shown(value)} (use an integer number of bytes or e.g. 512KiB, "
+            "1MiB, 2MB)"
+        )
+    size = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if not math.isfinite(size):
+        raise ValueError(f"invalid size {_shown(value)} (too large)")
+    return int(size)
+
+
+def format_size(size: int) -> str:
+    """A byte count for display, exact: ``1048576`` -> ``"1MiB"``, ``2000000`` -> ``"2MB"``."""
+    for unit, factor in (("GiB", 1024**3), ("MiB", MIB), ("KiB", KIB)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    for unit, factor in (("GB", 1000**3), ("MB", 1000**2), ("kB", 1000)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return f"{size}B"
+
+
+def _response_size(value: Any) -> int:
+    size = parse_size(value)
+    if not MIN_RESPONSE_BYTES <= size <= MAX_RESPONSE_BYTES:
+        raise ValueError(
+            f"must be between {format_size(MIN_RESPONSE_BYTES)} and "
+            f"{format_size(MAX_RESPONSE_BYTES)}, not {_shown(value)}"
+        )
+    return size
 
 
 # --------------------------------------------------------------------------- validation context
@@ -410,7 +511,11 @@ def _lower(value: Any) -> Any:
     return value.lower() if isinstance(value, str) else value
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+# Each duration field says its bounds; a value outside them is one line naming the key.
+Interval = Annotated[float, _duration_within(MIN_INTERVAL, MAX_INTERVAL)]
+Timeout = Annotated[float, _duration_within(0, MAX_TIMEOUT, above=True)]
+Duration = Annotated[float, _duration_within(0, MAX_DURATION, above=True)]
+ResponseSize = Annotated[int, BeforeValidator(_response_size)]
 Percent = Annotated[float, BeforeValidator(parse_percent)]
 ConfigPath = Annotated[Path, AfterValidator(_config_path)]
 ExistingFile = Annotated[ConfigPath, AfterValidator(_existing_file)]
@@ -464,11 +569,12 @@ class MonitorSettings(_Model):
 
     _sources = (_Source("fingerprint_key", inline=False, binary=True),)
 
-    interval: Duration = 60.0
+    interval: Interval = 60.0
     jitter: Percent = 0.1
-    timeout: Duration = 10.0
+    timeout: Timeout = 10.0
     failure_threshold: Annotated[StrictInt, Field(ge=1)] = 3
     backoff_max: Duration = 900.0
+    max_response_bytes: ResponseSize = DEFAULT_MAX_RESPONSE_BYTES
     fingerprint_key_env: EnvName | None = None
     fingerprint_key_file: ConfigPath | None = None
     fingerprint_key: SecretBytes | None = None
@@ -616,8 +722,9 @@ class TargetSettings(_Model):
     access_key_secret_file: ConfigPath | None = None
     access_key_secret: Secret
     userpool_id: Text | None = None
-    interval: Duration | None = None
-    timeout: Duration | None = None
+    interval: Interval | None = None
+    timeout: Timeout | None = None
+    max_response_bytes: ResponseSize | None = None
     ca_bundle: ExistingFile | None = None
     expect: Annotated[dict[str, Any], AfterValidator(_expectations)] = Field(default_factory=dict)
     ignore: tuple[DottedPath, ...] = ()
@@ -627,6 +734,11 @@ class TargetSettings(_Model):
 
     def effective_timeout(self, monitor: MonitorSettings) -> float:
         return self.timeout if self.timeout is not None else monitor.timeout
+
+    def effective_max_response_bytes(self, monitor: MonitorSettings) -> int:
+        """The cap on this target's upstream body after decompression."""
+        own = self.max_response_bytes
+        return own if own is not None else monitor.max_response_bytes
 
 
 class SinkSettings(_Model):
@@ -647,7 +759,7 @@ class SinkSettings(_Model):
     secret: Secret | None = None
     min_severity: Severity = "info"
     kinds: tuple[EventKind, ...] = ()
-    timeout: Duration = 10.0
+    timeout: Timeout = 10.0
     repeat_interval: Duration | None = None
     max_backoff: Duration = 600.0
 
@@ -800,6 +912,8 @@ def load_settings(
         raise ConfigError([f"{path}: cannot read config: {exc.strerror or exc}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
+    except ValueError:  # tomllib lets int() refuse an integer of more than 4300 digits
+        raise ConfigError([f"{path}: invalid TOML: a number is too long"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: invalid TOML: the file is not UTF-8 text"]) from None
     return parse_settings(
@@ -830,7 +944,7 @@ def summary(settings: Settings) -> list[str]:
         f"monitor: interval {format_duration(monitor.interval)}, jitter {monitor.jitter * 100:g}%, "
         f"timeout {format_duration(monitor.timeout)}, failure threshold "
         f"{monitor.failure_threshold}, backoff max {format_duration(monitor.backoff_max)}, "
-        f"log level {monitor.log_level}"
+        f"max response {format_size(monitor.max_response_bytes)}, log level {monitor.log_level}"
     )
     if monitor.fingerprint_key is not None:
         lines.append(f"fingerprint key: {_origin(monitor, 'fingerprint_key')}")
@@ -853,7 +967,8 @@ def summary(settings: Settings) -> list[str]:
         lines.append(
             f"target {target.name}: {_without_userinfo(target.base_url)}, every "
             f"{format_duration(target.effective_interval(monitor))}, timeout "
-            f"{format_duration(target.effective_timeout(monitor))}, "
+            f"{format_duration(target.effective_timeout(monitor))}, max response "
+            f"{format_size(target.effective_max_response_bytes(monitor))}, "
             f"secret {_origin(target, 'access_key_secret')}{expect}{ignore}"
         )
     for sink in settings.sinks:

@@ -9,23 +9,32 @@ import time
 import uvicorn
 from fastapi import FastAPI
 
-from monitor.errors import MonitorError
+from monitor.errors import ConfigError
 
-__all__ = ["HttpServer"]
+__all__ = ["HttpServer", "bind"]
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port``. An address that is taken, not local or not
+    resolvable is a ConfigError naming ``server.listen`` (exit code 2), never a traceback."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    shown = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except (OSError, ValueError, TypeError, OverflowError) as exc:  # a host name bad for IDNA, NUL
+        sock.close()
+        reason = (exc.strerror if isinstance(exc, OSError) else None) or "invalid address"
+        raise ConfigError([f"server.listen: cannot listen on {shown}: {reason}"]) from None
+    return sock
 
 
 class HttpServer:
     """Binds at construction, so a taken port fails start-up with a clear error at once."""
 
     def __init__(self, app: FastAPI, *, host: str, port: int) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._socket = socket.socket(family, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self._socket.bind((host, port))
-        except OSError as exc:
-            self._socket.close()
-            raise MonitorError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        self._socket = bind(host, port)
         self.port = self._socket.getsockname()[1]
         config = uvicorn.Config(
             app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=2

@@ -181,8 +181,8 @@ def test_taken_port_is_one_clear_line(
         taken.listen()
         config = write_config(tmp_path, sim, port=taken.getsockname()[1])
         result = run_cli("run", "-c", str(config), env=env, timeout=30)
-    assert result.returncode == 1
-    assert "cannot listen on 127.0.0.1:" in result.stderr
+    assert result.returncode == 2, "a start-up problem is a configuration error (SPEC §7)"
+    assert result.stderr.startswith("server.listen: cannot listen on 127.0.0.1:")
     assert "Traceback" not in result.stderr
 
 

@@ -4,7 +4,10 @@ show, durations/percents/paths are read as documented."""
 from __future__ import annotations
 
 import copy
+import logging
+import math
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +20,12 @@ from monitor.config import (
     TargetSettings,
     default_config_path,
     format_duration,
+    format_size,
     load_settings,
     parse_duration,
     parse_percent,
     parse_settings,
+    parse_size,
     summary,
 )
 from monitor.errors import ConfigError
@@ -154,7 +159,7 @@ def _target() -> TargetSettings:
             {},
             "monitor.interval: invalid duration '5 parsecs' (use e.g. 30s, 5m, 1h)",
         ),
-        ({"monitor": {"interval": "0s"}}, {}, "monitor.interval: must be greater than 0"),
+        ({"monitor": {"interval": "0s"}}, {}, "monitor.interval: must be between 1s and 7d"),
         (
             {"monitor": {"jitter": "150%"}},
             {},
@@ -445,6 +450,8 @@ def test_config_error_does_not_chain_the_pydantic_error() -> None:
         ("1h 30m", 5400.0),
         ("250ms", 0.25),
         ("2d", 172800.0),
+        ("1w", 604800.0),
+        ("1w2d", 777600.0),
         ("1.5s", 1.5),
         (" 10s ", 10.0),
         (90, 90.0),
@@ -455,7 +462,27 @@ def test_parse_duration(text: str | float, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text", ["", "5 parsecs", "10", "s", "1H", "-5s", "5m-", True, -1, None])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "5 parsecs",
+        "10",
+        "s",
+        "1H",
+        "-5s",
+        "5m-",
+        "1y",
+        True,
+        -1,
+        None,
+        math.inf,
+        -math.inf,
+        math.nan,
+        10**400,  # beyond any float
+        "9" * 400 + "d",  # so is this, as a float it is inf
+    ],
+)
 def test_parse_duration_rejects(text: Any) -> None:
     with pytest.raises(ValueError, match="invalid duration"):
         parse_duration(text)
@@ -508,12 +535,235 @@ def test_durations_and_percents_in_the_file() -> None:
     assert settings.sinks[0].timeout == 10.0
 
 
+# ----------------------------------------------------------------------------- bounds, sizes
+
+MINIMAL_TOML = """
+[monitor]
+{monitor}
+
+[storage]
+url = "sqlite:///never-opened.db"
+
+[[targets]]
+name = "prod"
+access_key_id = "key-id"
+access_key_secret = "x"
+{target}
+
+[[sinks]]
+type = "webhook"
+url = "https://hooks.example.com/x"
+{sink}
+"""
+
+
+@pytest.fixture
+def config_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> Iterator[Callable[..., tuple[int, str, str]]]:
+    """``config check`` in-process on a file with the given lines in [monitor], the target and
+    the sink; returns (exit code, stdout, stderr). The CLI sets up logging: put it back."""
+    from monitor.cli import main
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+
+    def check(monitor: str = "", target: str = "", sink: str = "") -> tuple[int, str, str]:
+        path = tmp_path / "genauth-monitor.toml"
+        path.write_text(MINIMAL_TOML.format(monitor=monitor, target=target, sink=sink))
+        code = main(["config", "check", "-c", str(path)])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    yield check
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+BAD_VALUES = [
+    # (section, line, key path): each one is exit 2 and one line naming the key
+    ("monitor", 'interval = "9999999999d"', "monitor.interval"),
+    ("monitor", 'interval = "1ms"', "monitor.interval"),
+    ("monitor", 'interval = "999ms"', "monitor.interval"),
+    ("monitor", 'interval = "8d"', "monitor.interval"),
+    ("monitor", 'interval = "1w1s"', "monitor.interval"),
+    ("monitor", "interval = 1e300", "monitor.interval"),
+    ("monitor", "interval = 1e309", "monitor.interval"),  # TOML reads it as inf
+    ("monitor", "interval = inf", "monitor.interval"),
+    ("monitor", "interval = -inf", "monitor.interval"),
+    ("monitor", "interval = nan", "monitor.interval"),
+    ("monitor", "interval = 99999999999999999999999", "monitor.interval"),
+    ("monitor", f"interval = {10**400}", "monitor.interval"),  # beyond any float
+    ("monitor", "interval = true", "monitor.interval"),
+    ("monitor", "interval = 0", "monitor.interval"),
+    ("monitor", "timeout = 1e300", "monitor.timeout"),
+    ("monitor", 'timeout = "9999999999d"', "monitor.timeout"),
+    ("monitor", 'timeout = "5m1s"', "monitor.timeout"),
+    ("monitor", "timeout = 0", "monitor.timeout"),
+    ("monitor", "timeout = nan", "monitor.timeout"),
+    ("monitor", "timeout = false", "monitor.timeout"),
+    ("monitor", 'backoff_max = "8d"', "monitor.backoff_max"),
+    ("monitor", "backoff_max = 1e300", "monitor.backoff_max"),
+    ("target", 'interval = "1ms"', "targets[0].interval"),
+    ("target", 'interval = "9999999999d"', "targets[0].interval"),
+    ("target", "timeout = 1e300", "targets[0].timeout"),
+    ("target", 'timeout = "1h"', "targets[0].timeout"),
+    ("target", "timeout = inf", "targets[0].timeout"),
+    ("sink", 'timeout = "6m"', "sinks[0].timeout"),
+    ("sink", 'repeat_interval = "30d"', "sinks[0].repeat_interval"),
+    ("sink", "repeat_interval = 1e300", "sinks[0].repeat_interval"),
+    ("sink", 'max_backoff = "9999999999d"', "sinks[0].max_backoff"),
+    ("sink", "max_backoff = 0", "sinks[0].max_backoff"),
+    ("monitor", 'max_response_bytes = "1023B"', "monitor.max_response_bytes"),
+    ("monitor", "max_response_bytes = 1023", "monitor.max_response_bytes"),
+    ("monitor", 'max_response_bytes = "65MiB"', "monitor.max_response_bytes"),
+    ("monitor", 'max_response_bytes = "1GiB"', "monitor.max_response_bytes"),
+    ("monitor", f"max_response_bytes = {10**400}", "monitor.max_response_bytes"),
+    ("monitor", f'max_response_bytes = "{"9" * 400}MiB"', "monitor.max_response_bytes"),
+    ("monitor", 'max_response_bytes = "1 parsec"', "monitor.max_response_bytes"),
+    ("monitor", 'max_response_bytes = "MiB"', "monitor.max_response_bytes"),
+    ("monitor", "max_response_bytes = -1", "monitor.max_response_bytes"),
+    ("monitor", "max_response_bytes = 1048576.0", "monitor.max_response_bytes"),
+    ("monitor", "max_response_bytes = inf", "monitor.max_response_bytes"),
+    ("monitor", "max_response_bytes = true", "monitor.max_response_bytes"),
+    ("target", 'max_response_bytes = "100GiB"', "targets[0].max_response_bytes"),
+    ("target", 'max_response_bytes = "1KB"', "targets[0].max_response_bytes"),  # 1000 < 1KiB
+]
+
+
+@pytest.mark.parametrize(("section", "line", "key"), BAD_VALUES)
+def test_out_of_range_values_are_one_line_naming_the_key(
+    config_check: Callable[..., tuple[int, str, str]], section: str, line: str, key: str
+) -> None:
+    code, out, err = config_check(**{section: line})
+    assert code == 2, out + err
+    assert err.count("\n") == 1 and err.startswith(f"{key}: "), err
+    assert "Traceback" not in out + err
+    assert "configuration OK" not in out
+
+
+def test_an_integer_too_long_for_python_is_one_line(
+    config_check: Callable[..., tuple[int, str, str]],
+) -> None:
+    code, out, err = config_check(monitor="interval = 1" + "0" * 5000)
+    assert code == 2
+    assert err.count("\n") == 1 and "invalid TOML: a number is too long" in err, err
+    assert "Traceback" not in out + err
+
+
+@pytest.mark.parametrize(
+    ("monitor", "target", "sink", "wanted"),
+    [
+        ('interval = "1s"', "", "", ("monitor", "interval", 1.0)),
+        ('interval = "7d"', "", "", ("monitor", "interval", 604800.0)),
+        ('interval = "1w"', "", "", ("monitor", "interval", 604800.0)),
+        ('interval = "1h30m"', "", "", ("monitor", "interval", 5400.0)),
+        ('timeout = "5m"', "", "", ("monitor", "timeout", 300.0)),
+        ('timeout = "250ms"', "", "", ("monitor", "timeout", 0.25)),
+        ('backoff_max = "7d"', "", "", ("monitor", "backoff_max", 604800.0)),
+        ("", 'interval = "1w"', "", ("target", "interval", 604800.0)),
+        ("", 'timeout = "4m59s"', "", ("target", "timeout", 299.0)),
+        ("", "", 'timeout = "5m"', ("sink", "timeout", 300.0)),
+        ("", "", 'repeat_interval = "1w"', ("sink", "repeat_interval", 604800.0)),
+        ("", "", 'max_backoff = "100ms"', ("sink", "max_backoff", 0.1)),
+        ('max_response_bytes = "1MiB"', "", "", ("monitor", "max_response_bytes", 1048576)),
+        ('max_response_bytes = "512KiB"', "", "", ("monitor", "max_response_bytes", 524288)),
+        ('max_response_bytes = "64KiB"', "", "", ("monitor", "max_response_bytes", 65536)),
+        ('max_response_bytes = "2MB"', "", "", ("monitor", "max_response_bytes", 2000000)),
+        ('max_response_bytes = "1KiB"', "", "", ("monitor", "max_response_bytes", 1024)),
+        ('max_response_bytes = "64MiB"', "", "", ("monitor", "max_response_bytes", 64 << 20)),
+        ("max_response_bytes = 4096", "", "", ("monitor", "max_response_bytes", 4096)),
+        ("", 'max_response_bytes = "2MiB"', "", ("target", "max_response_bytes", 2 << 20)),
+    ],
+)
+def test_values_at_and_inside_the_bounds_are_accepted(
+    tmp_path: Path, monitor: str, target: str, sink: str, wanted: tuple[str, str, float]
+) -> None:
+    path = tmp_path / "genauth-monitor.toml"
+    path.write_text(MINIMAL_TOML.format(monitor=monitor, target=target, sink=sink))
+    settings = load_settings(path, {})
+    section, key, value = wanted
+    models = {"monitor": settings.monitor, "target": settings.targets[0], "sink": settings.sinks[0]}
+    model = models[section]
+    assert getattr(model, key) == pytest.approx(value)
+
+
+def test_max_response_bytes_per_target_overrides_the_monitor_value() -> None:
+    raw = {
+        **minimal(max_response_bytes="2MiB"),
+        "monitor": {"max_response_bytes": "512KiB"},
+    }
+    raw["targets"].append({"name": "other", "access_key_id": "id", "access_key_secret": "s"})
+    settings = parse_settings(raw, base_dir=Path("/x"), environ={})
+    own, inherited = settings.targets
+    assert own.effective_max_response_bytes(settings.monitor) == 2 * 1024 * 1024
+    assert inherited.effective_max_response_bytes(settings.monitor) == 512 * 1024
+    lines = summary(settings)
+    assert any(line.startswith("monitor: ") and "max response 512KiB" in line for line in lines)
+    assert any(line.startswith("target prod: ") and "max response 2MiB" in line for line in lines)
+    assert any(
+        line.startswith("target other: ") and "max response 512KiB" in line for line in lines
+    )
+
+
+def test_config_check_prints_the_size_cap(
+    config_check: Callable[..., tuple[int, str, str]],
+) -> None:
+    code, out, err = config_check(monitor='max_response_bytes = "2MB"')
+    assert code == 0, err
+    assert "max response 2MB" in out
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("1MiB", 1 << 20),
+        ("1mib", 1 << 20),
+        ("512KiB", 512 << 10),
+        ("2MB", 2_000_000),
+        ("64kB", 64_000),
+        ("1GiB", 1 << 30),
+        ("1.5KiB", 1536),
+        ("100B", 100),
+        ("100", 100),
+        (" 3 MiB ", 3 << 20),
+        (4096, 4096),
+    ],
+)
+def test_parse_size(text: str | int, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "MiB", "1 parsec", "1Mb/s", "-1KiB", 1.5, True, None, -1])
+def test_parse_size_rejects(text: Any) -> None:
+    with pytest.raises(ValueError, match="invalid size"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(
+    ("size", "text"),
+    [
+        (1 << 20, "1MiB"),
+        (512 << 10, "512KiB"),
+        (2_000_000, "2MB"),
+        (64_000, "64kB"),
+        (1500, "1500B"),
+    ],
+)
+def test_format_size_is_exact_and_round_trips(size: int, text: str) -> None:
+    assert format_size(size) == text
+    assert parse_size(format_size(size)) == size
+
+
 def test_defaults() -> None:
     settings = parse_settings(minimal(), base_dir=Path("/srv/gm"), environ={})
     monitor = settings.monitor
     assert (monitor.interval, monitor.jitter, monitor.timeout) == (60.0, 0.1, 10.0)
     assert (monitor.failure_threshold, monitor.backoff_max, monitor.log_level) == (3, 900.0, "info")
     assert monitor.fingerprint_key is None
+    assert monitor.max_response_bytes == 1024 * 1024
+    assert settings.targets[0].max_response_bytes is None
+    assert settings.targets[0].effective_max_response_bytes(monitor) == 1024 * 1024
     assert settings.storage.url == "sqlite:////srv/gm/genauth-monitor.db"
     assert (settings.server.host, settings.server.port) == ("127.0.0.1", 9464)
     assert settings.server.api_token is None and not settings.server.metrics_require_token

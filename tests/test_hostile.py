@@ -29,6 +29,7 @@ def _config(
     lines = [
         "[monitor]",
         'interval = "1s"',
+        'max_response_bytes = "1MiB"',
         'jitter = "0%"',
         'timeout = "2s"',
         "failure_threshold = 2",

@@ -1,0 +1,139 @@
+"""Start-up checks of ``run`` and ``db upgrade``: everything that can be found wrong before the
+program does anything is a ConfigError naming its key (exit code 2), one line each.
+
+- ``server.listen``: the address can be bound (:func:`check_listen`);
+- ``storage.url``: the database opens (:func:`open_storage`): the SQLite directory exists and is
+  writable, PostgreSQL answers and accepts us;
+- ``monitor.fingerprint_key_file``: the key (or the generated key file) is usable
+  (:func:`monitor.keyfile.fingerprint_key`).
+
+Messages show the database only as ``display_url`` (no password, no query string) and give the
+reason from a fixed list, never the driver's text: that can carry the URL with its password.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Final
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from monitor.config import Settings
+from monitor.errors import ConfigError
+from monitor.http_server import bind
+from monitor.storage import create_store_engine, upgrade
+from monitor.storage.engine import describe_error
+
+__all__ = ["check_listen", "open_storage"]
+
+
+def check_listen(settings: Settings) -> None:
+    """Bind the listen address once and let it go, so a taken or foreign address stops the
+    program before it touches the database. (The daemon binds again; should the address be
+    taken in between, that bind fails with the same ConfigError.)"""
+    bind(settings.server.host, settings.server.port).close()
+
+
+def open_storage(settings: Settings, *, migrate: bool) -> Engine:
+    """An engine for ``[storage]`` that has been connected to once, migrated to the newest
+    schema if ``migrate``. ConfigError naming ``storage.url`` when the database cannot be
+    opened; a failing migration of a database that opens stays a StorageError
+    ("migration failed", exit code 1)."""
+    storage = settings.storage
+    where = f"cannot open the database at {storage.display_url}"
+    path = storage.sqlite_path
+    if path is not None:
+        problem = _sqlite_path_problem(path)
+        if problem is not None:
+            raise ConfigError([f"storage.url: {where}: {problem}"])
+    engine = create_store_engine(storage.url)
+    try:
+        # Connecting logs in to PostgreSQL, and runs SQLite's pragmas, which read the file:
+        # one that is not a database fails here.
+        engine.connect().close()
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        raise ConfigError([f"storage.url: {where}: {_reason(exc)}"]) from None
+    if migrate:
+        try:
+            upgrade(engine)
+        except BaseException:
+            engine.dispose()
+            raise
+    return engine
+
+
+def _sqlite_path_problem(path: Path) -> str | None:
+    """Why SQLite could not create or write ``path`` (not for root's ignored modes, but a
+    read-only mount is refused to root too), or None."""
+    directory = path.parent
+    if not directory.exists():
+        return f"directory {directory} does not exist"
+    if not directory.is_dir():
+        return f"{directory} is not a directory"
+    # SQLite writes its -wal and -shm files beside the database.
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"directory {directory} is not writable"
+    if path.exists() and not path.is_file():
+        return f"{path} is not a file"
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        return f"file {path} is not readable and writable"
+    return None
+
+
+# Fixed phrases for what the drivers say; the first whose marker is in the (lower-cased) driver
+# message wins. Only the phrase is shown, never the message.
+_PHRASES: Final = (
+    ("connection refused", "connection refused (is the server running on that host and port?)"),
+    ("timeout expired", "connection timed out"),
+    ("timed out", "connection timed out"),
+    ("failed to resolve host", "cannot resolve the host name"),
+    ("could not translate host name", "cannot resolve the host name"),
+    ("name or service not known", "cannot resolve the host name"),
+    ("no route to host", "no route to the host"),
+    ("network is unreachable", "network unreachable"),
+    ("no such file or directory", "no server socket at that path"),
+    ("password authentication failed", "authentication failed"),
+    ("authentication failed", "authentication failed"),
+    ("no password supplied", "the server requires a password"),
+    ("no pg_hba.conf entry", "the server refuses connections from this host or user"),
+    ('role "', "the user (role) does not exist"),
+    ('database "', "the database does not exist"),
+    ("permission denied", "permission denied"),
+    ("too many connections", "the server has too many connections"),
+    ("remaining connection slots", "the server has too many connections"),
+    ("starting up", "the server is starting up"),
+    ("shutting down", "the server is shutting down"),
+    ("certificate", "the TLS certificate was not accepted"),
+    ("ssl error", "TLS negotiation failed"),
+    ("ssl syscall", "TLS negotiation failed"),
+    ("ssl negotiation", "TLS negotiation failed"),
+    ("does not support ssl", "the server does not support TLS"),
+)
+_SQLITE_PHRASES: Final = {
+    "SQLITE_CANTOPEN": "unable to open the database file",
+    "SQLITE_NOTADB": "the file is not a SQLite database",
+    "SQLITE_CORRUPT": "the database file is corrupt",
+    "SQLITE_READONLY": "the database is read-only",
+    "SQLITE_PERM": "permission denied",
+    "SQLITE_BUSY": "the database is locked by another process",
+    "SQLITE_FULL": "the disk is full",
+}
+
+
+def _reason(exc: SQLAlchemyError) -> str:
+    """A short reason safe to print: a fixed phrase chosen by the driver's error, else the
+    error class as :func:`describe_error` gives it."""
+    original = getattr(exc, "orig", None) or exc
+    name = getattr(original, "sqlite_errorname", None)
+    if isinstance(name, str):
+        for prefix, phrase in _SQLITE_PHRASES.items():
+            if name.startswith(prefix):
+                return phrase
+    message = str(original).lower()
+    for marker, phrase in _PHRASES:
+        if marker in message:
+            return phrase
+    return describe_error(exc)
