@@ -19,7 +19,7 @@ from typing import Any
 
 from monitor import __version__
 from monitor.config import Settings, default_config_path, load_settings, summary
-from monitor.core import diff, dumps_json, escape_json, escape_text, field_value
+from monitor.core import diff, dumps_json, escape_text, field_value
 from monitor.core.rules import EVENT_KINDS
 from monitor.errors import ConfigError, MonitorError, StorageError
 from monitor.logs import setup_logging
@@ -500,10 +500,9 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     if not changes:
         print("no differences")
     for change in changes:
-        # The path is built from upstream key names; the values are ASCII-only JSON (DEL too).
-        old_value = escape_json(json.dumps(change["old"]))
-        new_value = escape_json(json.dumps(change["new"]))
-        print(f"  {escape_text(change['path'])}: {old_value} -> {new_value}")
+        # The path is built from upstream key names; the values are ASCII-only JSON.
+        path = escape_text(change["path"])
+        print(f"  {path}: {json.dumps(change['old'])} -> {json.dumps(change['new'])}")
     return EXIT_OK
 
 
