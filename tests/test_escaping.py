@@ -172,6 +172,8 @@ def test_text_log_line_is_one_line_with_exactly_the_fields_given() -> None:
     assert level == "warning" and got_message == message
     assert fields == {k: v if isinstance(v, str) else str(v) for k, v in HOSTILE_EXTRA.items()}
     assert not re.match(r"\S+ \w+ +audit chain head", line), "a reader anchored on the message"
+    for message in ("boom chain_hash=forged", 'say "hi"', "a\\nb"):
+        assert parse_line(TextFormatter().format(_record(message, {}))) == ("warning", message, {})
     plain = TextFormatter().format(
         _record("audit chain head", {"chain_seq": 7, "chain_hash": "ab"})
     )
