@@ -4,8 +4,8 @@ Every string of the event that may come from upstream (message, paths, values, k
 escaped for mrkdwn: control characters as visible escapes (:mod:`monitor.core.escape`), then
 ``&``, ``<``, ``>`` as ``&amp;``, ``&lt;``, ``&gt;`` (Slack's rule), so no ``<!channel>``
 mention and no ``<url|label>`` link can be formed. Upstream text is only ever put inside a
-code span, where Slack neither formats, nor auto-links a bare URL; a backtick in it, which
-would close the span, becomes U+02CB MODIFIER LETTER GRAVE ACCENT.
+code span, where Slack applies no formatting (and, as far as we know, links no bare URL); a
+backtick in it, which would close the span, becomes U+02CB MODIFIER LETTER GRAVE ACCENT.
 """
 
 from __future__ import annotations
