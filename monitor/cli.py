@@ -19,7 +19,7 @@ from typing import Any
 
 from monitor import __version__
 from monitor.config import Settings, default_config_path, load_settings, summary
-from monitor.core import diff
+from monitor.core import diff, dumps_json, escape_text, field_value
 from monitor.core.rules import EVENT_KINDS
 from monitor.errors import ConfigError, MonitorError, StorageError
 from monitor.logs import setup_logging
@@ -218,10 +218,13 @@ def _limit(value: int) -> int:
 
 
 def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False))
+    # Exact data, but control, bidi and separator characters as \u escapes (monitor.core.escape).
+    print(dumps_json(value, indent=2))
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
+    """Aligned columns; every cell is escaped, so upstream text cannot drive the terminal."""
+    rows = [[escape_text(str(cell)) for cell in row] for row in rows]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
     lines = [header, *rows]
     return "\n".join(
@@ -325,7 +328,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         for entry in report:
             print(_check_line(entry))
             for event in entry["events"]:
-                print(f"    {event['severity']}: {event['message']}")
+                print(f"    {event['severity']}: {escape_text(event['message'])}")
     return code
 
 
@@ -353,10 +356,13 @@ def _check_line(entry: dict[str, Any]) -> str:
     if not entry["ok"]:
         error = entry["error"]
         status = f" HTTP {error['http_status']}" if error["http_status"] else ""
-        return f"{entry['target']}: POLL FAILED ({error['reason']}{status}): {error['message']}"
+        return escape_text(
+            f"{entry['target']}: POLL FAILED ({error['reason']}{status}): {error['message']}"
+        )
+    # The type is upstream text: quoted when it holds a space or '=', so it forges no field.
     return (
-        f"{entry['target']}: {'enabled' if entry['enabled'] else 'DISABLED'}"
-        f" type={entry['type'] or '-'} hash={entry['hash']}"
+        f"{escape_text(entry['target'])}: {'enabled' if entry['enabled'] else 'DISABLED'}"
+        f" type={field_value(str(entry['type'] or '-'))} hash={entry['hash']}"
         f" drift={'YES' if entry['drift'] else 'no'}"
     )
 
@@ -386,7 +392,7 @@ def _print_events(rows: list[EventView], fmt: str) -> None:
         _print_json(dicts)
     elif fmt == "jsonl":
         for item in dicts:
-            print(json.dumps(item, ensure_ascii=False))
+            print(dumps_json(item))
     elif fmt == "csv":
         out = io.StringIO()
         fields = [
@@ -404,7 +410,9 @@ def _print_events(rows: list[EventView], fmt: str) -> None:
         writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
         for item in dicts:
-            writer.writerow({**item, "changes": json.dumps(item["changes"], ensure_ascii=False)})
+            # Text cells escaped like the table (the exact text is in json/jsonl).
+            row = {k: escape_text(v) if isinstance(v, str) else v for k, v in item.items()}
+            writer.writerow({**row, "changes": dumps_json(item["changes"])})
         sys.stdout.write(out.getvalue())
     elif not rows:
         print("no events")
@@ -500,7 +508,9 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     if not changes:
         print("no differences")
     for change in changes:
-        print(f"  {change['path']}: {json.dumps(change['old'])} -> {json.dumps(change['new'])}")
+        # The path is built from upstream key names; the values are ASCII-only JSON.
+        path = escape_text(change["path"])
+        print(f"  {path}: {json.dumps(change['old'])} -> {json.dumps(change['new'])}")
     return EXIT_OK
 
 
@@ -519,7 +529,7 @@ def _cmd_at(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(data)
     else:
-        print(f"{found.target} at {args.time}: snapshot {found.hash}")
+        print(escape_text(f"{found.target} at {args.time}: snapshot {found.hash}"))
         print(f"in force from {data['first_seen_at']}, last seen {data['last_seen_at']}")
         _print_json(found.document)
     return EXIT_OK

@@ -1,4 +1,10 @@
-"""Logging set-up: one line per event worth knowing, as text or JSON lines."""
+"""Logging set-up: one line per event worth knowing, as text or JSON lines.
+
+Messages and ``extra=`` values may carry upstream text (a message of the API, a path built
+from an upstream key name), so both formatters escape it (:mod:`monitor.core.escape`): a text
+line is always exactly one line of ``time level message key=value ...`` whose fields cannot
+be forged, and no control, bidi or line-separator character reaches either format raw.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import logging
 import sys
 from typing import Any, Final, TextIO
 
+from monitor.core.escape import dumps_json, escape_json, escape_text, field_value
 from monitor.timeutil import format_time, utc_now
 
 __all__ = ["JsonFormatter", "TextFormatter", "setup_logging"]
@@ -30,17 +37,31 @@ class JsonFormatter(logging.Formatter):
         line.update(_extras(record))
         if record.exc_info and record.exc_info[0] is not None:
             line["error"] = record.exc_info[0].__name__
-        return json.dumps(line, default=str, ensure_ascii=False)
+        # C0 inside strings is escaped by json.dumps; C1, bidi and separators are made \u too.
+        return escape_json(json.dumps(line, default=str, ensure_ascii=False))
 
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        fields = " ".join(f"{k}={v}" for k, v in _extras(record).items())
-        head = f"{format_time(utc_now())} {record.levelname.lower():7} {record.getMessage()}"
+        # Keys come from code, but are quoted like values all the same if they need it.
+        fields = [f"{field_value(k)}={field_value(_text(v))}" for k, v in _extras(record).items()]
         if record.exc_info and record.exc_info[0] is not None:
             # Only the class: a traceback's text could quote a secret held in a local value.
-            fields += f" error={record.exc_info[0].__name__}"
-        return f"{head} {fields}".rstrip()
+            fields.append(f"error={field_value(record.exc_info[0].__name__)}")
+        head = f"{format_time(utc_now())} {record.levelname.lower():7} {_message(record)}"
+        return " ".join([head, *fields]).rstrip()
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else str(value)
+
+
+def _message(record: logging.LogRecord) -> str:
+    """The message on one line; quoted when it holds what could read as a field or a quote."""
+    message = record.getMessage()
+    if escape_text(message) != message or any(char in message for char in '="\\'):
+        return dumps_json(message)
+    return message
 
 
 def setup_logging(*, level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:

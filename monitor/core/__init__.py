@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from monitor.core.canonical import canonical_json, snapshot_hash
 from monitor.core.diff import Change, diff, flatten, get_path, same_document
+from monitor.core.escape import dumps_json, escape_json, escape_text, field_value
 from monitor.core.redact import FINGERPRINT_PREFIX, fingerprint, is_secret_key, redact
 from monitor.core.rules import (
     EventDraft,
@@ -27,7 +28,11 @@ __all__ = [
     "baseline_mismatches",
     "canonical_json",
     "diff",
+    "dumps_json",
+    "escape_json",
+    "escape_text",
     "failure_events",
+    "field_value",
     "fingerprint",
     "flatten",
     "get_path",
