@@ -253,8 +253,14 @@ def test_unreadable_database_is_exit_3(
     assert _state(media) == before
 
 
-def test_read_only_engine_refuses_writes(recorded: Recorded, tmp_path: Path) -> None:
+@pytest.mark.parametrize("journal", ["wal", "delete"])
+def test_read_only_engine_refuses_writes(journal: str, recorded: Recorded, tmp_path: Path) -> None:
+    """Both ways of opening (immutable=1 for a WAL file alone, mode=ro otherwise) refuse."""
     db = recorded.place(tmp_path)
+    if journal != "wal":
+        with sqlite3.connect(db) as raw:
+            raw.execute(f"PRAGMA journal_mode = {journal}")
+        raw.close()
     before = _state(tmp_path)
     engine = open_read_only(f"sqlite:///{db}")
     with pytest.raises(Exception, match="readonly"), engine.begin() as connection:
