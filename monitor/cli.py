@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import logging
@@ -17,6 +18,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from sqlalchemy import Engine
+
 from monitor import __version__
 from monitor.config import Settings, default_config_path, load_settings, summary
 from monitor.core import diff, dumps_json, escape_text, field_value
@@ -24,6 +27,7 @@ from monitor.core.rules import EVENT_KINDS
 from monitor.errors import ConfigError, MonitorError, StorageError
 from monitor.logs import setup_logging
 from monitor.storage import Queries, create_store_engine, upgrade
+from monitor.storage.engine import open_read_only, require_current_schema
 from monitor.storage.outbox import Outbox
 from monitor.storage.queries import AmbiguousReference, EventView, SnapshotView
 from monitor.timeutil import format_time, parse_time, utc_now
@@ -32,6 +36,8 @@ __all__ = ["main"]
 
 EXIT_OK, EXIT_DRIFT, EXIT_USAGE, EXIT_POLL_FAILED, EXIT_UNKNOWN = 0, 1, 2, 3, 4
 EXIT_CANNOT_VERIFY = 3
+# A command that reads the database found it missing, unreadable or not at the current schema.
+EXIT_NO_DATABASE = 3
 CHECK_DELIVERY_WAIT = 10.0  # seconds `check` waits for its alerts to be delivered
 
 log = logging.getLogger("monitor.cli")
@@ -196,10 +202,35 @@ def _settings(args: argparse.Namespace, *, read_only: bool = False) -> Settings:
     return settings
 
 
+def _read_only_engine(settings: Settings) -> Engine:
+    """The database opened read-only and checked to be at the current schema. Never creates,
+    migrates or writes it: the audit commands read evidence (SPEC §7)."""
+    shown = settings.storage.display_url
+    engine = open_read_only(settings.storage.url, shown=shown)
+    try:
+        require_current_schema(engine, shown=shown)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine
+
+
 def _queries(settings: Settings) -> Queries:
-    engine = create_store_engine(settings.storage.url)
-    upgrade(engine)
-    return Queries(engine)
+    return Queries(_read_only_engine(settings))
+
+
+def _reads_database(handler: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
+    """A command that needs the database: one line and exit 3 when it cannot be used."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except StorageError as exc:
+            print(f"genauth-monitor: {exc}", file=sys.stderr)
+            return EXIT_NO_DATABASE
+
+    return run
 
 
 def _time_arg(name: str, value: str | None) -> Any:
@@ -367,6 +398,7 @@ def _check_line(entry: dict[str, Any]) -> str:
     )
 
 
+@_reads_database
 def _cmd_history(args: argparse.Namespace) -> int:
     settings = _settings(args, read_only=True)
     queries = _queries(settings)
@@ -424,6 +456,7 @@ def _print_events(rows: list[EventView], fmt: str) -> None:
         print(_table(table, ["ID", "AT", "TARGET", "KIND", "SEVERITY", "STATUS", "MESSAGE"]))
 
 
+@_reads_database
 def _cmd_snapshots(args: argparse.Namespace) -> int:
     settings = _settings(args, read_only=True)
     queries = _queries(settings)
@@ -482,6 +515,7 @@ class _Unknown(MonitorError):
     """Nothing matches: exit code 4."""
 
 
+@_reads_database
 def _cmd_show(args: argparse.Namespace) -> int:
     try:
         snap = _lookup(_queries(_settings(args, read_only=True)), args.ref)
@@ -492,6 +526,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_reads_database
 def _cmd_diff(args: argparse.Namespace) -> int:
     queries = _queries(_settings(args, read_only=True))
     try:
@@ -514,6 +549,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_reads_database
 def _cmd_at(args: argparse.Namespace) -> int:
     settings = _settings(args, read_only=True)
     queries = _queries(settings)
@@ -549,13 +585,20 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report.intact else EXIT_DRIFT
 
 
-def _outbox(args: argparse.Namespace) -> Outbox:
+def _outbox(args: argparse.Namespace, *, write: bool = False) -> Outbox:
     settings = _settings(args, read_only=True)
     if args.sink is not None and args.sink not in {s.name for s in settings.sinks}:
         raise UsageError(f"--sink: unknown sink {args.sink!r}")
-    return Outbox(_queries(settings).engine)
+    engine = _read_only_engine(settings)
+    if not write:
+        return Outbox(engine)
+    # A writer, but like the readers it never creates or migrates: it writes only to a database
+    # just found to exist at the current schema.
+    engine.dispose()
+    return Outbox(create_store_engine(settings.storage.url))
 
 
+@_reads_database
 def _cmd_alerts_pending(args: argparse.Namespace) -> int:
     rows = _outbox(args).pending(sink=args.sink, rejected=args.rejected)
     if args.json:
@@ -606,8 +649,9 @@ def _cmd_alerts_pending(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_reads_database
 def _cmd_alerts_retry(args: argparse.Namespace) -> int:
-    count = _outbox(args).retry_now(utc_now(), sink=args.sink)
+    count = _outbox(args, write=True).retry_now(utc_now(), sink=args.sink)
     print(f"{count} pending deliveries are due now; a running daemon sends them within seconds")
     return EXIT_OK
 

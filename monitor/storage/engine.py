@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, make_url
-from sqlalchemy.engine import Connection
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import Engine, create_engine, event, inspect, make_url
+from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import NullPool, StaticPool
 
 from monitor.errors import StorageError
 
 __all__ = [
     "WRITE",
+    "UnusableDatabase",
     "connect",
     "create_store_engine",
     "describe_error",
+    "head_revisions",
     "migrations_dir",
+    "open_read_only",
+    "require_current_schema",
     "upgrade",
 ]
 
@@ -137,3 +145,189 @@ def _driver_pragma(connection: Connection, pragma: str) -> None:
     raw = connection.connection.driver_connection
     assert raw is not None
     raw.execute(f"PRAGMA {pragma}")
+
+
+# -- reading without writing (the audit commands) --------------------------------------------
+
+
+class UnusableDatabase(StorageError):
+    """A database a reader will not use: missing, unreadable, or not at the schema of this
+    version. The message is one line fit to show (no password, no row values)."""
+
+
+def open_read_only(url: str, *, shown: str | None = None) -> Engine:
+    """An engine that can only read ``url``, checked to open. It never creates, migrates or
+    writes the database and never creates a file beside a SQLite one (``-wal``, ``-shm``,
+    ``-journal``); ``shown`` names the database in messages (default: the URL without password
+    or query).
+
+    SQLite is opened through a URI with ``mode=ro`` plus ``PRAGMA query_only``. A WAL-mode file
+    without its ``-wal`` file is opened ``immutable=1``: no connection has it open, everything
+    committed is in the file, and ``mode=ro`` would create ``-wal``/``-shm`` beside it (or fail
+    where it cannot). docs/audit.md, "Read-only by design", has the caveat. PostgreSQL gets a
+    session whose every transaction is read-only (``default_transaction_read_only``).
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_read_only(parsed)
+    return _postgres_read_only(parsed, shown or _shown(parsed))
+
+
+def head_revisions() -> frozenset[str]:
+    """The current schema: the Alembic head(s) of the shipped migration scripts."""
+    return frozenset(_scripts().get_heads())
+
+
+def require_current_schema(engine: Engine, *, shown: str | None = None) -> None:
+    """Raise :class:`UnusableDatabase` unless the database is at :func:`head_revisions`.
+
+    Only reads: an empty database (no ``alembic_version``) is "not initialised", an older
+    revision asks for ``genauth-monitor db upgrade``, an unknown one (a newer genauth-monitor
+    migrated it) is refused too.
+    """
+    shown = shown or _shown(engine.url)
+    try:
+        with engine.connect() as connection:
+            current: set[str] = set()
+            if inspect(connection).has_table("alembic_version"):
+                rows = connection.exec_driver_sql("SELECT version_num FROM alembic_version")
+                current = {str(row[0]) for row in rows}
+    except SQLAlchemyError as exc:
+        raise UnusableDatabase(f"cannot read {shown}: {describe_error(exc)}") from None
+    scripts = _scripts()
+    heads = set(scripts.get_heads())
+    if current == heads:
+        return
+    have, want = ", ".join(sorted(current)), ", ".join(sorted(heads))
+    if not current:
+        raise UnusableDatabase(
+            f"{shown} is not an initialised genauth-monitor database (it has no schema "
+            "version; check storage.url)"
+        )
+    if current <= {script.revision for script in scripts.walk_revisions()}:
+        raise UnusableDatabase(
+            f"{shown} is at schema {have}, older than this version's {want}: "
+            "run `genauth-monitor db upgrade` (after a backup), then try again"
+        )
+    raise UnusableDatabase(
+        f"{shown} is at schema {have}, which this version of genauth-monitor (schema {want}) "
+        "does not know: it was migrated by a newer version; use that one"
+    )
+
+
+def _scripts() -> ScriptDirectory:
+    try:
+        return ScriptDirectory(str(migrations_dir()))
+    except CommandError as exc:
+        raise StorageError(f"the Alembic migrations are unusable: {exc}") from None
+
+
+def _shown(url: URL) -> str:
+    shown = url.set(query={}).render_as_string(hide_password=True)
+    return shown + ("?..." if url.query else "")
+
+
+def _sqlite_read_only(url: URL) -> Engine:
+    database = url.database or ""
+    if database in ("", ":memory:") or database.startswith("file:"):
+        raise UnusableDatabase(
+            "storage.url: an in-memory or URI-form SQLite database cannot be read by another "
+            "process; give the database file (sqlite:///PATH)"
+        )
+    path = Path(database)
+    if not path.exists():
+        raise UnusableDatabase(f"no database file at {path} (check storage.url); none was created")
+    if not path.is_file():
+        raise UnusableDatabase(f"{path} is not a database file (check storage.url)")
+    try:
+        with path.open("rb") as file:
+            header = file.read(100)
+    except OSError as exc:
+        raise UnusableDatabase(f"cannot read {path}: {exc.strerror}") from None
+    # Bytes 18 and 19 of the header are the read and write format versions: 2 is WAL mode.
+    wal_mode = header.startswith(b"SQLite format 3\x00") and header[18:20] == b"\x02\x02"
+    wal = Path(f"{path}-wal")
+    if wal_mode and not wal.exists():
+        return _sqlite_engine(path, immutable=True)
+    try:
+        return _sqlite_engine(path, immutable=False)
+    except UnusableDatabase:
+        if not (wal_mode and not Path(f"{path}-shm").exists()):
+            raise
+        # mode=ro could not open a WAL-mode file because its -shm file is missing and cannot
+        # be created here. An empty -wal holds nothing, so the file alone is the database; a
+        # non-empty one would be ignored by immutable=1, silently hiding its rows.
+        if _size(wal) == 0:
+            return _sqlite_engine(path, immutable=True)
+        raise UnusableDatabase(
+            f"cannot read {path} read-only: its write-ahead log {wal.name} has no "
+            f"{path.name}-shm and none can be made here; copy the database with its -wal file "
+            "to writable storage and read the copy"
+        ) from None
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def _sqlite_engine(path: Path, *, immutable: bool) -> Engine:
+    uri = f"file:{quote(str(path))}?mode=ro" + ("&immutable=1" if immutable else "")
+
+    def open_connection() -> sqlite3.Connection:
+        return sqlite3.connect(uri, uri=True, check_same_thread=False)
+
+    # No pool: no connection (nor file handle) outlives the query that needed it.
+    engine = create_engine("sqlite+pysqlite://", creator=open_connection, poolclass=NullPool)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA query_only = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        # One read transaction per connection: queries that span statements (verify) see one
+        # snapshot, as with the writer's engine.
+        connection.exec_driver_sql("BEGIN")
+
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar()
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        # SQLite's own text ("file is not a database", "unable to open database file") names
+        # no value or password, and says more than the driver's class name.
+        original = getattr(exc, "orig", None)
+        reason = str(original) if isinstance(original, sqlite3.Error) else describe_error(exc)
+        raise UnusableDatabase(f"cannot read {path}: {reason}") from None
+    return engine
+
+
+def _postgres_read_only(url: URL, shown: str) -> Engine:
+    given = url.query.get("options")
+    options = " ".join(
+        part for part in (given if isinstance(given, str) else "", _READ_ONLY_SESSION) if part
+    )
+    engine = create_engine(url, connect_args={"connect_timeout": 10, "options": options})
+    try:
+        with engine.connect() as connection:
+            read_only = connection.exec_driver_sql("SHOW transaction_read_only").scalar()
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        raise UnusableDatabase(f"cannot open {shown} read-only: {describe_error(exc)}") from None
+    if read_only != "on":
+        engine.dispose()
+        raise UnusableDatabase(
+            f"cannot open {shown} read-only: the server did not make the session read-only "
+            "(a connection pooler that drops startup options?)"
+        )
+    return engine
+
+
+_READ_ONLY_SESSION = "-c default_transaction_read_only=on"
