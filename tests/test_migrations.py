@@ -24,7 +24,7 @@ def test_upgrade_is_idempotent_and_matches_the_models(db_url: str) -> None:
         diffs = compare_metadata(MigrationContext.configure(connection), metadata)
         version = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
     assert diffs == []
-    assert version == "0003"
+    assert version == "0004"
     engine.dispose()
 
 
