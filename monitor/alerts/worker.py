@@ -207,8 +207,8 @@ class DeliveryWorker:
         ]
         for policy in self._policies:
             # Only what this sink was sent: its filters and the targets' ignored paths hold.
-            routed = self._outbox.routed(policy.sink.name, [event.id for event in firing])
-            mine = [event for event in firing if event.id in routed]
+            routed = self._outbox.routed(policy.sink.name, [event.row_id for event in firing])
+            mine = [event for event in firing if event.row_id in routed]
             sync = getattr(policy.sink, "sync", None)
             if sync is not None:
                 try:
@@ -226,8 +226,8 @@ class DeliveryWorker:
         for event in firing:
             if event.kind not in FAMILIES or event.severity != "critical":
                 continue
-            last = self._outbox.last_delivery(policy.sink.name, event.id)
+            last = self._outbox.last_delivery(policy.sink.name, event.row_id)
             if last is None or last[0] != "delivered" or last[1] is None:
                 continue  # never routed to this sink, or a delivery still pending
             if (now - last[1]).total_seconds() >= policy.repeat_interval:
-                self._outbox.requeue(policy.sink.name, event.id, now)
+                self._outbox.requeue(policy.sink.name, event.row_id, now)
