@@ -101,6 +101,7 @@ def generate(engine: Engine, *, n_targets: int, n_snapshots: int, n_events: int)
             e_i += 1
             row = {
                 "id": e_i,
+                "public_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
                 "target_id": rng.randint(1, n_targets),
                 "kind": rng.choice(KINDS),
                 "severity": "info",
@@ -111,7 +112,7 @@ def generate(engine: Engine, *, n_targets: int, n_snapshots: int, n_events: int)
                 "changes": json.dumps([{"path": "smtpConfig.smtp_port", "old": 465, "new": 587}]),
                 "message": "changed",
             }
-            previous = link(previous, seq, event_content(row))
+            previous = link(previous, seq, event_content(row, string_id=True))
             event_rows.append({**row, "chain_seq": seq, "chain_hash": previous})
         if len(snap_rows) + len(event_rows) >= batch:
             flush()

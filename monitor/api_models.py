@@ -37,7 +37,7 @@ class ChangeOut(_Out):
 
 
 class EventOut(_Out):
-    id: int
+    id: str = Field(description="unique across databases and restores (a UUID); never reused")
     target: str
     kind: str
     severity: str

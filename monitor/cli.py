@@ -26,7 +26,7 @@ from monitor.core import diff, dumps_json, escape_text, field_value
 from monitor.core.rules import EVENT_KINDS
 from monitor.errors import ConfigError, MonitorError, StorageError
 from monitor.logs import setup_logging
-from monitor.storage import Queries, create_store_engine, upgrade
+from monitor.storage import Queries, create_store_engine
 from monitor.storage.engine import open_read_only, require_current_schema
 from monitor.storage.outbox import Outbox
 from monitor.storage.queries import AmbiguousReference, EventView, SnapshotView

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import subprocess
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
+from monitor.alerts.alertmanager import alert_for
 from monitor.app import build_runtime
 from monitor.simulator import SimulatedGenAuth
+from monitor.storage.queries import EventView
 from tests.externals import binary
 from tests.helpers import free_port, runtime_settings, wait_for
 
@@ -100,7 +104,9 @@ def test_disabled_provider_fires_and_resolves(
         }
         assert alert["status"]["state"] == "active"
         assert "disabled" in alert["annotations"]["summary"]
-        assert set(alert["annotations"]) >= {"summary", "description"}
+        assert set(alert["annotations"]) >= {"summary", "description", "event_id"}
+        [disabled] = runtime.queries.events(kinds=("provider_disabled",))
+        assert alert["annotations"]["event_id"] == disabled.id
 
         alertmanager.stop()  # a restart with fresh storage forgets the alert ...
         alertmanager.start()
@@ -115,3 +121,32 @@ def test_disabled_provider_fires_and_resolves(
         assert runtime.delivery.drain(timeout=10) == 0
         wait_for(lambda: not _alerts(url), what="alert resolved")
         runtime.store.engine.dispose()
+
+
+def _event(kind: str, severity: str, status: str, event_id: str, row_id: int) -> EventView:
+    return EventView(
+        row_id=row_id,
+        id=event_id,
+        target="prod",
+        kind=kind,
+        severity=severity,
+        status=status,
+        at=datetime(2026, 1, 1, 12, row_id, tzinfo=UTC),
+        snapshot="sha256:" + "a" * 64,
+        previous=None,
+        changes=[{"path": "enabled", "old": True, "new": False}],
+        message=f"prod: {kind}",
+    )
+
+
+def test_the_event_id_is_an_annotation_never_a_label() -> None:
+    fired = _event("provider_disabled", "critical", "firing", str(uuid.uuid4()), 7)
+    resolved = _event("provider_enabled", "info", "resolved", str(uuid.uuid4()), 8)
+    firing, resolving = alert_for(fired), alert_for(resolved)
+    assert firing["annotations"]["event_id"] == fired.id
+    assert resolving["annotations"]["event_id"] == resolved.id
+    assert firing["labels"] == resolving["labels"], "a resolution must carry the same labels"
+    for alert, event in ((firing, fired), (resolving, resolved)):
+        assert set(alert["labels"]) == {"alertname", "target", "severity", "kind"}
+        values = [*alert["labels"].values()]
+        assert event.id not in values and str(event.row_id) not in values

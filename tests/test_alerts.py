@@ -166,7 +166,8 @@ def test_slack_message_is_readable() -> None:
     from monitor.storage.queries import EventView
 
     event = EventView(
-        id=1,
+        row_id=1,
+        id="0b6f0c2e-3d5a-4f1b-9c8e-7a6d5e4f3c2b",
         target="prod",
         kind="delivery_changed",
         severity="warning",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,15 +150,20 @@ def test_event_pagination_is_stable_while_events_arrive(api: Api) -> None:
     api.poll_with()
     for port in range(1, 8):
         api.poll_with(smtpConfig__smtp_port=port)
-    seen: list[int] = []
+    seen: list[str] = []
+    times: list[str] = []
     page = api.get("/api/v1/events", limit=3).json()
     seen += [e["id"] for e in page["events"]]
+    times += [e["at"] for e in page["events"]]
     api.poll_with(smtpConfig__smtp_port=999)  # a new event between pages
     while page["next_cursor"]:
         page = api.get("/api/v1/events", limit=3, cursor=page["next_cursor"]).json()
         seen += [e["id"] for e in page["events"]]
+        times += [e["at"] for e in page["events"]]
     assert len(seen) == 8 and len(set(seen)) == 8, "no row twice, none skipped"
-    assert seen == sorted(seen, reverse=True)
+    assert all(isinstance(i, str) and str(uuid.UUID(i)) == i for i in seen), seen
+    # Newest first: every poll is a minute after the one before, so the times are distinct.
+    assert times == sorted(times, reverse=True) and len(set(times)) == 8
     newest = api.get("/api/v1/events", limit=1).json()["events"][0]
     assert newest["id"] not in seen and newest["changes"][0]["new"] == 999
 

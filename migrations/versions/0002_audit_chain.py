@@ -56,7 +56,11 @@ def _backfill(connection: sa.engine.Connection) -> None:
     )
     for _, table, row in merged:
         seq += 1
-        content = snapshot_content(row) if table.name == "snapshots" else event_content(row)
+        content = (
+            snapshot_content(row)
+            if table.name == "snapshots"
+            else event_content(row, string_id=False)
+        )
         previous = link(previous, seq, content)
         connection.execute(
             sa.update(table)

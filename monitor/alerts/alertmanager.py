@@ -44,6 +44,9 @@ def alert_for(event: EventView, *, notice_window: timedelta = NOTICE_WINDOW) -> 
             "summary": event.message,
             "description": changes or event.message,
             "snapshot": event.snapshot or "",
+            # The event's id: an annotation, never a label (the labels of an alert and of
+            # its resolution must be equal, and each event has its own id).
+            "event_id": event.id,
         },
         "startsAt": format_time(event.at),
     }

@@ -199,8 +199,8 @@ class _Lane:
             if event.target in self._targets
         ]
         # Only what this sink was sent: its filters and the targets' ignored paths hold.
-        routed = self._outbox.routed(self.sink, [event.id for event in firing])
-        mine = [event for event in firing if event.id in routed]
+        routed = self._outbox.routed(self.sink, [event.row_id for event in firing])
+        mine = [event for event in firing if event.row_id in routed]
         if sync is not None:
             try:
                 sync(mine)
@@ -216,11 +216,11 @@ class _Lane:
         for event in firing:
             if event.kind not in FAMILIES or event.severity != "critical":
                 continue
-            last = self._outbox.last_delivery(self.sink, event.id)
+            last = self._outbox.last_delivery(self.sink, event.row_id)
             if last is None or last[0] != "delivered" or last[1] is None:
                 continue  # never routed to this sink, or a delivery still pending
             if (now - last[1]).total_seconds() >= interval:
-                self._outbox.requeue(self.sink, event.id, now)
+                self._outbox.requeue(self.sink, event.row_id, now)
 
 
 class DeliveryWorker:

@@ -213,10 +213,10 @@ class Outbox:
         newest: dict[tuple[str, str], EventView] = {}
         for row in rows:
             key = (row.target, firing_kind(row.kind))
-            if key not in newest or row.id > newest[key].id:
+            if key not in newest or row.row_id > newest[key].row_id:
                 newest[key] = row
         firing = [row for row in newest.values() if row.kind in FAMILIES]
-        return sorted(firing, key=lambda r: r.id) + recent
+        return sorted(firing, key=lambda r: r.row_id) + recent
 
     def last_delivery(self, sink: str, event_id: int) -> tuple[str, datetime | None] | None:
         with self._connect() as c:

@@ -67,7 +67,8 @@ class SnapshotView:
 
 @dataclass(frozen=True, slots=True)
 class EventView:
-    id: int
+    row_id: int  # internal: order, cursors, the outbox; never shown (reused after a restore)
+    id: str  # the public id (a UUID), the "id" of the event JSON
     target: str
     kind: str
     severity: str
@@ -79,7 +80,7 @@ class EventView:
     message: str
 
     def cursor(self) -> str:
-        return encode_cursor(self.at, self.id)
+        return encode_cursor(self.at, self.row_id)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -301,7 +302,8 @@ def event_select() -> Select[Any]:
 
 def event_view(m: RowMapping) -> EventView:
     return EventView(
-        id=m[events.c.id],
+        row_id=m[events.c.id],
+        id=m[events.c.public_id],
         target=m[targets.c.name],
         kind=m[events.c.kind],
         severity=m[events.c.severity],

@@ -25,6 +25,7 @@ __all__ = [
     "ID",
     "UTCDateTime",
     "events",
+    "meta",
     "metadata",
     "poll_errors",
     "poll_state",
@@ -132,7 +133,11 @@ poll_errors = Table(
 events = Table(
     "events",
     metadata,
+    # Internal: order, keyset cursors, the outbox's foreign key. Never shown: after a restore
+    # from a backup the database hands out the integers of lost rows again.
     Column("id", ID, primary_key=True, autoincrement=True),
+    # The event's public id (the "id" of the event JSON): a UUID, never reused (migration 0004).
+    Column("public_id", String(36), nullable=False, unique=True),
     Column("target_id", ID, ForeignKey("targets.id"), nullable=False),
     Column("kind", String(32), nullable=False),
     Column("severity", String(16), nullable=False),
@@ -172,4 +177,14 @@ chain_head = Table(
     Column("id", Integer, primary_key=True, autoincrement=False),
     Column("seq", ID, nullable=False),
     Column("hash", String(64), nullable=False),
+)
+
+# Facts about the database itself (migration 0004): ``database_id`` (a UUID) and
+# ``string_ids_from_chain_seq`` (the first chain position whose event rows chain their string
+# id; see monitor/storage/chain.py).
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -434,6 +435,8 @@ class Store:
     ) -> None:
         for draft in drafts:
             values = {
+                # The public id: random, so a restored backup can never hand it out again.
+                "public_id": str(uuid.uuid4()),
                 "target_id": state.target_id,
                 "kind": draft.kind,
                 "severity": draft.severity,
