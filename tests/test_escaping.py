@@ -216,7 +216,8 @@ def _hostile_event() -> EventView:
     from datetime import UTC, datetime
 
     return EventView(
-        id=1,
+        row_id=1,
+        id="7f0c1d2e-0000-4000-8000-000000000001",
         target="prod",
         kind="config_changed`<!here>",
         severity="info",
