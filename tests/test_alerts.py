@@ -349,3 +349,131 @@ def test_check_gives_up_on_a_dead_sink_with_a_queue_behind_it(
             result = run_cli("check", "-c", str(config), "--delivery-timeout", "1", env=env)
             assert time.monotonic() - started < 20
             assert "still pending" in result.stderr
+
+
+def test_polling_that_keeps_failing_is_alerted_and_its_recovery_too(
+    db_url: str, tmp_path: Path, receiver: Receiver
+) -> None:
+    with SimulatedGenAuth(access_key_secret=SECRET) as sim:
+        runtime = _runtime(db_url, sim, tmp_path, [{"type": "webhook", "url": receiver.url}])
+        poller, worker = runtime.pollers["prod"], runtime.delivery
+        poller.poll()
+        sim.set_fault("http_502_html")
+        for _ in range(3):  # failure_threshold is 2: the second failure raises it, once
+            assert not poller.poll().ok
+        assert worker.drain(timeout=5) == 0
+        assert [b["kind"] for b in receiver.bodies()] == ["first_seen", "poll_failing"]
+        failing = receiver.bodies()[1]
+        assert (failing["severity"], failing["status"]) == ("warning", "firing")
+        assert "http_status" in failing["message"]
+        sim.set_fault(None)
+        poller.poll()
+        assert worker.drain(timeout=5) == 0
+        assert [b["kind"] for b in receiver.bodies()][2:] == ["poll_recovered"]
+        runtime.store.engine.dispose()
+
+
+def test_an_ignored_path_does_not_hide_a_change_made_beside_it(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    with SimulatedGenAuth(access_key_secret=SECRET) as sim:
+        runtime = _runtime(
+            f"sqlite:///{tmp_path / 'i.db'}",
+            sim,
+            tmp_path,
+            [{"type": "webhook", "url": receiver.url}],
+            ignore=["smtpConfig.sender"],
+        )
+        poller, worker = runtime.pollers["prod"], runtime.delivery
+        poller.poll()
+        data = sim.data
+        data["smtpConfig"]["sender"] = "quiet@example.com"  # ignored alone: recorded, not sent
+        sim.set_data(data)
+        poller.poll()
+        data["smtpConfig"]["sender"] = "reset@attacker.example"  # ignored ...
+        data["smtpConfig"]["smtp_host"] = "smtp.attacker.example"  # ... but this is not
+        sim.set_data(data)
+        [event] = poller.poll().events
+        assert event.kind == "delivery_changed" and len(event.changes) == 2
+        assert worker.drain(timeout=5) == 0
+        kinds = [b["kind"] for b in receiver.bodies()]
+        assert kinds == ["first_seen", "delivery_changed"], kinds
+        sent = receiver.bodies()[1]["changes"]
+        assert {c["path"] for c in sent} == {"smtpConfig.sender", "smtpConfig.smtp_host"}, (
+            "sent in full, the ignored change included"
+        )
+        runtime.store.engine.dispose()
+
+
+def test_retry_delay_doubles_with_jitter_up_to_the_cap() -> None:
+    import random
+
+    from monitor.alerts.worker import retry_delay
+
+    for attempts in range(1, 12):
+        step = 2.0 ** (attempts - 1)
+        delay = retry_delay(attempts, 1e9, random.Random(attempts))
+        assert step / 2 <= delay <= step, (attempts, delay)
+        # The same random draw gives exactly twice the delay one attempt later.
+        assert retry_delay(attempts + 1, 1e9, random.Random(7)) == 2 * retry_delay(
+            attempts, 1e9, random.Random(7)
+        )
+    for attempts in (10, 40, 10_000):
+        assert 300 <= retry_delay(attempts, 600, random.Random(attempts)) <= 600
+
+
+def test_retries_of_a_failing_sink_back_off_further_each_time(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """The delays stored in the outbox (next_attempt_at) grow 1 s, 2 s, 4 s, ... to the cap."""
+    from tests.conftest import FakeClock
+
+    clock = FakeClock()
+    with SimulatedGenAuth(access_key_secret=SECRET) as sim:
+        settings = runtime_settings(
+            f"sqlite:///{tmp_path / 'b.db'}",
+            sim,
+            tmp_path,
+            sinks=[{"type": "webhook", "url": receiver.url, "max_backoff": "10s"}],
+        )
+        runtime = build_runtime(settings, clock=clock)
+        receiver.status = 503
+        runtime.pollers["prod"].poll()
+        delays = []
+        for _ in range(6):
+            runtime.delivery.run_once()
+            [row] = runtime_pending(runtime)
+            delays.append((row.next_attempt_at - clock.now).total_seconds())
+            clock.now = row.next_attempt_at  # due exactly now: the next round tries it
+        assert row.attempts == 6
+        bands = [(0.5, 1), (1, 2), (2, 4), (4, 8), (5, 10), (5, 10)]  # the cap is 10 s
+        for delay, (low, high) in zip(delays, bands, strict=True):
+            assert low - 1e-3 <= delay <= high + 1e-3, delays
+        runtime.store.engine.dispose()
+
+
+@pytest.mark.parametrize("status", [408, 425, 429])
+def test_a_sink_asking_to_slow_down_gets_the_alert_later(
+    tmp_path: Path, receiver: Receiver, status: int
+) -> None:
+    """429 (and 408, 425) is "not now", not a refusal: never set aside however often."""
+    from monitor.alerts.worker import REJECT_AFTER
+
+    with SimulatedGenAuth(access_key_secret=SECRET) as sim:
+        runtime = _runtime(
+            f"sqlite:///{tmp_path / 's.db'}",
+            sim,
+            tmp_path,
+            [{"type": "webhook", "url": receiver.url, "max_backoff": "0.1s"}],
+        )
+        worker = runtime.delivery
+        receiver.status = status
+        runtime.pollers["prod"].poll()
+        assert worker.drain(timeout=0.8) == 1  # retried every 0.05 to 0.1 s meanwhile
+        [row] = runtime_pending_all(runtime)
+        assert row.status == "pending" and row.attempts > REJECT_AFTER, row
+        assert row.last_error == f"HTTP {status}"
+        receiver.status = 200
+        assert worker.drain(timeout=5) == 0
+        assert [b["kind"] for b in receiver.bodies()] == ["first_seen"]
+        runtime.store.engine.dispose()

@@ -214,3 +214,49 @@ def test_an_ambiguous_hash_prefix_is_refused(api: Api) -> None:
     answer = api.get("/api/v1/snapshots/abcdef")
     assert answer.status_code == 400 and "several" in answer.json()["error"]
     assert api.get("/api/v1/snapshots/abcdef1").status_code == 200
+
+
+def test_metrics_require_the_token_when_configured(tmp_path: Path) -> None:
+    """``metrics_require_token = true`` closes /metrics in the real daemon; health stays open."""
+    from monitor.app import Daemon
+    from monitor.config import parse_settings
+    from tests.helpers import free_port
+
+    with SimulatedGenAuth(access_key_secret=SECRET) as sim:
+        settings = parse_settings(
+            {
+                "monitor": {"fingerprint_key_env": "FP"},
+                "storage": {"url": f"sqlite:///{tmp_path / 'm.db'}"},
+                "server": {
+                    "listen": f"127.0.0.1:{free_port()}",
+                    "api_token_env": "TOKEN",
+                    "metrics_require_token": True,
+                },
+                "targets": [
+                    {
+                        "name": "prod",
+                        "base_url": sim.base_url,
+                        "access_key_id": sim.access_key_id,
+                        "access_key_secret_env": "SECRET",
+                    }
+                ],
+            },
+            base_dir=tmp_path,
+            environ={"FP": "k", "SECRET": SECRET, "TOKEN": TOKEN},
+        )
+        daemon = Daemon(settings)
+        daemon.start()
+        try:
+            base = f"http://127.0.0.1:{daemon.http.port}"
+
+            def get(path: str, token: str | None) -> requests.Response:
+                headers = {"Authorization": f"Bearer {token}"} if token else {}
+                return requests.get(base + path, headers=headers, timeout=5)
+
+            assert get("/metrics", None).status_code == 401
+            assert get("/metrics", "nope").status_code == 401
+            answer = get("/metrics", TOKEN)
+            assert answer.status_code == 200 and "genauth_monitor_up" in answer.text
+            assert get("/healthz", None).status_code == 200
+        finally:
+            daemon.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
@@ -181,3 +182,76 @@ def test_verify_still_runs_on_a_database_whose_rows_were_deleted(tmp_path: objec
     assert cut.returncode == 1, cut.stdout + cut.stderr
     assert "at the end were deleted" in cut.stdout
     engine.dispose()
+
+
+def _reseal(engine: Engine, seqs: list[int]) -> None:
+    """Give the event rows at ``seqs`` the chain hash of their own content, chained on the
+    stored hash of the row before them: what a tamperer who knows the formula would do."""
+    from sqlalchemy import select, update
+
+    from monitor.storage.chain import event_content, link
+    from monitor.storage.schema import events
+
+    with engine.begin() as c:
+        for seq in seqs:
+            before = c.execute(select(events.c.chain_hash).where(events.c.chain_seq == seq - 1))
+            row = c.execute(select(events).where(events.c.chain_seq == seq)).mappings().one()
+            digest = link(before.scalar_one(), seq, event_content(row))
+            c.execute(update(events).where(events.c.id == row["id"]).values(chain_hash=digest))
+
+
+def test_an_edited_row_resealed_with_its_own_hash_breaks_the_chain_at_the_next(
+    engine: Engine,
+) -> None:
+    """Each hash covers the one before it, so fixing up an edited row is not enough."""
+    ids = _ids(engine)
+    _sql(engine, f"UPDATE events SET message = 'nothing happened' WHERE id = {ids[2]}")
+    _reseal(engine, [3])
+    report = verify_chain(engine)
+    assert not report.intact and report.rows == 3, report.describe()
+    assert f"events id={ids[3]} " in (report.problem or "")
+
+
+def test_reordered_rows_resealed_in_their_new_order_are_found(engine: Engine) -> None:
+    ids = _ids(engine)
+    a, b = ids[1], ids[2]
+    _sql(engine, f"UPDATE events SET chain_seq = -1 WHERE id = {a}")
+    _sql(engine, f"UPDATE events SET chain_seq = 2 WHERE id = {b}")
+    _sql(engine, f"UPDATE events SET chain_seq = 3 WHERE id = {a}")
+    _reseal(engine, [2, 3])
+    report = verify_chain(engine)
+    assert not report.intact and report.rows == 3, report.describe()
+    assert f"events id={ids[3]} " in (report.problem or "")
+
+
+def test_every_field_of_an_event_is_under_the_chain(engine: Engine) -> None:
+    """Editing any stored field of an event (severity included) is reported at that row."""
+    from sqlalchemy import select, update
+
+    from monitor.storage.schema import events
+
+    third = _ids(engine)[2]
+    other = Store(engine).ensure_target("other", now=T0).target_id
+    edits: dict[str, Any] = {
+        "kind": "provider_disabled",
+        "severity": "critical",
+        "status": "resolved",
+        "at": T0 - timedelta(days=1),
+        "snapshot_hash": "sha256:" + "f" * 64,
+        "previous_hash": "sha256:" + "e" * 64,
+        "changes": '[{"path": "enabled", "old": true, "new": false}]',
+        "message": "nothing happened",
+        "target_id": other,
+    }
+    with engine.connect() as c:
+        original = dict(c.execute(select(events).where(events.c.id == third)).mappings().one())
+    for column, value in edits.items():
+        assert original[column] != value, column
+        with engine.begin() as c:
+            c.execute(update(events).where(events.c.id == third).values({column: value}))
+        report = verify_chain(engine)
+        assert not report.intact and report.rows == 2, (column, report.describe())
+        assert f"events id={third} " in (report.problem or ""), column
+        with engine.begin() as c:
+            c.execute(update(events).where(events.c.id == third).values({column: original[column]}))
+        assert verify_chain(engine).intact, column

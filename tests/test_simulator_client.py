@@ -499,3 +499,63 @@ def test_overflowing_number_is_not_json(sim: SimulatedGenAuth, make_client: Clie
     with pytest.raises(UpstreamError) as caught:
         make_client().fetch_email_provider()
     assert caught.value.reason == "invalid_response"
+
+
+class EchoingUpstream:
+    """A loopback token endpoint that quotes the submitted access key secret back in its
+    error message and requestId, as a careless upstream or proxy might."""
+
+    def __init__(self, status: int, envelope_code: int) -> None:
+        import json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                sent = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                echoed = sent.get("accessKeySecret")
+                body = json.dumps(
+                    {
+                        "statusCode": envelope_code,
+                        "message": f"accessKeySecret {echoed} is not valid here",
+                        "apiCode": 2000,
+                        "requestId": f"req-{echoed}",
+                    }
+                ).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("status", "envelope_code", "reason"),
+    [(200, 401, "auth"), (500, 500, "http_status"), (200, 500, "api_error")],
+)
+def test_an_upstream_quoting_the_secret_back_never_gets_it_into_the_error(
+    status: int, envelope_code: int, reason: str
+) -> None:
+    upstream = EchoingUpstream(status, envelope_code)
+    client = GenAuthClient(
+        base_url=upstream.base_url, access_key_id=KEY_ID, access_key_secret=SECRET, timeout=2.0
+    )
+    try:
+        err = fail(client)
+    finally:
+        client.close()
+        upstream.stop()
+    assert err.reason == reason
+    assert "accessKeySecret *** is not valid here" in err.message, "the rest is kept"
+    assert err.request_id == "req-***"

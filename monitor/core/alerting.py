@@ -1,7 +1,9 @@
 """Pure alert rules: which sink wants which event, alert families, and what is still firing.
 
 An alert *family* pairs a firing kind with the kind that resolves it; every other kind is a
-one-off notice. Sinks filter by minimum severity and by kinds.
+one-off notice (the families, alertnames and severities come from the kinds table,
+:mod:`monitor.core.kinds`, and are re-exported here for the sinks). Sinks filter by minimum
+severity and by kinds.
 """
 
 from __future__ import annotations
@@ -10,6 +12,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Final
 
+from monitor.core.kinds import (
+    ALERTNAMES,
+    FAMILIES,
+    FAMILY_SEVERITY,
+    RESOLVES,
+    SEVERITIES,
+    firing_kind,
+)
 from monitor.core.rules import EventDraft, path_matches
 
 __all__ = [
@@ -23,38 +33,7 @@ __all__ = [
     "firing_kind",
 ]
 
-SEVERITY_RANK: Final = {"info": 0, "warning": 1, "critical": 2}
-
-# firing kind -> resolving kind
-FAMILIES: Final = {
-    "provider_disabled": "provider_enabled",
-    "baseline_drift": "baseline_restored",
-    "poll_failing": "poll_recovered",
-}
-RESOLVES: Final = {resolving: firing for firing, resolving in FAMILIES.items()}
-FAMILY_SEVERITY: Final = {
-    "provider_disabled": "critical",
-    "baseline_drift": "critical",
-    "poll_failing": "warning",
-}
-
-# One stable alertname per family (the resolving kind shares its firing kind's name), so
-# Alertmanager groups and resolves them.
-ALERTNAMES: Final = {
-    "provider_disabled": "GenAuthEmailProviderDisabled",
-    "baseline_drift": "GenAuthEmailProviderBaselineDrift",
-    "poll_failing": "GenAuthMonitorPollFailing",
-    "type_changed": "GenAuthEmailProviderTypeChanged",
-    "delivery_changed": "GenAuthEmailProviderDeliveryChanged",
-    "secret_rotated": "GenAuthEmailProviderSecretRotated",
-    "config_changed": "GenAuthEmailProviderConfigChanged",
-    "first_seen": "GenAuthEmailProviderFirstSeen",
-}
-
-
-def firing_kind(kind: str) -> str:
-    """The kind whose alert an event of ``kind`` starts or ends."""
-    return RESOLVES.get(kind, kind)
+SEVERITY_RANK: Final[dict[str, int]] = {severity: rank for rank, severity in enumerate(SEVERITIES)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,13 +52,6 @@ class SinkRoute:
         if kind in RESOLVES:
             severity = FAMILY_SEVERITY[RESOLVES[kind]]
         return SEVERITY_RANK[severity] >= SEVERITY_RANK[self.min_severity]
-
-
-_FAMILY_SEVERITY: Final = {
-    "provider_disabled": "critical",
-    "baseline_drift": "critical",
-    "poll_failing": "warning",
-}
 
 
 def apply_ignore(events: Iterable[EventDraft], patterns: Iterable[str]) -> list[EventDraft]:

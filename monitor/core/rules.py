@@ -10,9 +10,10 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from monitor.core.diff import MISSING, Change, diff, get_path, same_value
+from monitor.core.kinds import EVENT_KINDS, Severity, Status, kind_of
 from monitor.core.redact import FINGERPRINT_PREFIX
 
 __all__ = [
@@ -29,22 +30,6 @@ __all__ = [
     "snapshot_events",
 ]
 
-Severity = Literal["info", "warning", "critical"]
-Status = Literal["firing", "resolved"]
-
-EVENT_KINDS: Final = (
-    "first_seen",
-    "provider_disabled",
-    "provider_enabled",
-    "type_changed",
-    "delivery_changed",
-    "secret_rotated",
-    "config_changed",
-    "baseline_drift",
-    "baseline_restored",
-    "poll_failing",
-    "poll_recovered",
-)
 ACTIVE_SUBCONFIG: Final = {
     "custom": "smtpConfig",
     "sendgrid": "sendGridConfig",
@@ -64,6 +49,12 @@ class EventDraft:
     message: str
     changes: tuple[Change, ...] = field(default=())
     notify: bool = True  # False: recorded in history, sent to no sink (an ignored path)
+
+
+def _draft(kind: str, message: str, changes: tuple[Change, ...] = ()) -> EventDraft:
+    """An event of ``kind`` with the severity and status of its row in the kinds table."""
+    row = kind_of(kind)
+    return EventDraft(kind, row.severity, row.status, message, changes)
 
 
 def path_matches(path: str, patterns: Iterable[str]) -> bool:
@@ -118,24 +109,11 @@ def baseline_events(
     drift = baseline_mismatches(current, expect)
     if drift and not was_drifting:
         paths = ", ".join(change.path for change in drift)
-        return [
-            EventDraft(
-                "baseline_drift",
-                "critical",
-                "firing",
-                f"{target}: configuration differs from the expected baseline at {paths}",
-                tuple(drift),
-            )
-        ]
+        message = f"{target}: configuration differs from the expected baseline at {paths}"
+        return [_draft("baseline_drift", message, tuple(drift))]
     if was_drifting and not drift:
-        return [
-            EventDraft(
-                "baseline_restored",
-                "info",
-                "resolved",
-                f"{target}: configuration matches the expected baseline again",
-            )
-        ]
+        message = f"{target}: configuration matches the expected baseline again"
+        return [_draft("baseline_restored", message)]
     return []
 
 
@@ -143,38 +121,21 @@ def failure_events(*, target: str, failures: int, threshold: int, reason: str) -
     """``poll_failing`` exactly when the run of consecutive failures reaches the threshold."""
     if failures != threshold:
         return []
-    return [
-        EventDraft(
-            "poll_failing",
-            "warning",
-            "firing",
-            f"{target}: {failures} consecutive polls failed (last: {reason})",
-        )
-    ]
+    message = f"{target}: {failures} consecutive polls failed (last: {reason})"
+    return [_draft("poll_failing", message)]
 
 
 def recovery_events(*, target: str, failures_before: int, threshold: int) -> list[EventDraft]:
     """``poll_recovered`` on the first success after a run that raised ``poll_failing``."""
     if failures_before < threshold:
         return []
-    return [
-        EventDraft(
-            "poll_recovered",
-            "info",
-            "resolved",
-            f"{target}: polling succeeds again after {failures_before} failures",
-        )
-    ]
+    message = f"{target}: polling succeeds again after {failures_before} failures"
+    return [_draft("poll_recovered", message)]
 
 
 def _first_seen(target: str, current: Any) -> EventDraft:
-    return EventDraft(
-        "first_seen",
-        "info",
-        "firing",
-        f"{target}: first snapshot of the email provider configuration",
-        tuple(diff(None, current)),
-    )
+    message = f"{target}: first snapshot of the email provider configuration"
+    return _draft("first_seen", message, tuple(diff(None, current)))
 
 
 def _change_events(target: str, previous: Any, current: Any) -> list[EventDraft]:
@@ -184,7 +145,9 @@ def _change_events(target: str, previous: Any, current: Any) -> list[EventDraft]
     for change in changes:
         claimed.setdefault(_kind_of(change, delivery_paths), []).append(change)
     return [
-        _change_event(target, kind, tuple(claimed[kind])) for kind in _TEMPLATES if kind in claimed
+        _change_event(target, kind, tuple(claimed[kind]))
+        for kind in _CHANGE_TEXT
+        if kind in claimed
     ]
 
 
@@ -210,21 +173,22 @@ def _is_fingerprint(value: Any) -> bool:
     return isinstance(value, str) and value.startswith(FINGERPRINT_PREFIX)
 
 
-_TEMPLATES: Final[dict[str, tuple[Severity, Status, str]]] = {
-    "provider_disabled": ("critical", "firing", "email provider disabled"),
-    "provider_enabled": ("info", "resolved", "email provider enabled again"),
-    "type_changed": ("critical", "firing", "email provider type changed"),
-    "delivery_changed": ("warning", "firing", "delivery settings changed"),
-    "secret_rotated": ("info", "firing", "a secret was rotated"),
-    "config_changed": ("info", "firing", "configuration changed"),
+# The kinds a changed field can be claimed by, in the order their events are raised, with the
+# words of their message (severity and status come from the kinds table).
+_CHANGE_TEXT: Final = {
+    "provider_disabled": "email provider disabled",
+    "provider_enabled": "email provider enabled again",
+    "type_changed": "email provider type changed",
+    "delivery_changed": "delivery settings changed",
+    "secret_rotated": "a secret was rotated",
+    "config_changed": "configuration changed",
 }
 
 
 def _change_event(target: str, kind: str, changes: tuple[Change, ...]) -> EventDraft:
-    severity, status, text = _TEMPLATES[kind]
     details = "; ".join(f"{c.path}: {_show(c.old)} -> {_show(c.new)}" for c in changes)
-    message = f"{target}: {text}" + (f" ({details})" if details else "")
-    return EventDraft(kind, severity, status, message, changes)
+    message = f"{target}: {_CHANGE_TEXT[kind]}" + (f" ({details})" if details else "")
+    return _draft(kind, message, changes)
 
 
 def _show(value: Any) -> str:
