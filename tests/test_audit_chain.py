@@ -196,7 +196,7 @@ def _reseal(engine: Engine, seqs: list[int]) -> None:
         for seq in seqs:
             before = c.execute(select(events.c.chain_hash).where(events.c.chain_seq == seq - 1))
             row = c.execute(select(events).where(events.c.chain_seq == seq)).mappings().one()
-            digest = link(before.scalar_one(), seq, event_content(row))
+            digest = link(before.scalar_one(), seq, event_content(row, string_id=True))
             c.execute(update(events).where(events.c.id == row["id"]).values(chain_hash=digest))
 
 
