@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import traceback
 from typing import Any, Final, TextIO
 
 from monitor.core.escape import dumps_json, escape_json, escape_text, field_value
@@ -37,6 +39,7 @@ class JsonFormatter(logging.Formatter):
         line.update(_extras(record))
         if record.exc_info and record.exc_info[0] is not None:
             line["error"] = record.exc_info[0].__name__
+            line["where"] = _where(record)
         # C0 inside strings is escaped by json.dumps; C1, bidi and separators are made \u too.
         return escape_json(json.dumps(line, default=str, ensure_ascii=False))
 
@@ -46,10 +49,25 @@ class TextFormatter(logging.Formatter):
         # Keys come from code, but are quoted like values all the same if they need it.
         fields = [f"{field_value(k)}={field_value(_text(v))}" for k, v in _extras(record).items()]
         if record.exc_info and record.exc_info[0] is not None:
-            # Only the class: a traceback's text could quote a secret held in a local value.
+            # The class and where it was raised, never the message or source lines: a
+            # traceback's text could quote a secret held in a local value.
             fields.append(f"error={field_value(record.exc_info[0].__name__)}")
+            fields.append(f"where={field_value(_where(record))}")
         head = f"{format_time(utc_now())} {record.levelname.lower():7} {_message(record)}"
         return " ".join([head, *fields]).rstrip()
+
+
+_FRAMES: Final = 8
+
+
+def _where(record: logging.LogRecord) -> str:
+    """The traceback as frames only, innermost first: ``file.py:LINE function < ...``."""
+    tb = record.exc_info[2] if record.exc_info else None
+    frames = traceback.extract_tb(tb)[-_FRAMES:]
+    return " < ".join(
+        f"{os.path.basename(frame.filename)}:{frame.lineno} {frame.name}"
+        for frame in reversed(frames)
+    )
 
 
 def _text(value: Any) -> str:

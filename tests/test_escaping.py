@@ -203,10 +203,17 @@ def test_logs_name_the_exception_class_but_never_print_the_traceback() -> None:
         text = out.getvalue()
         assert text.count("\n") == 1, f"{fmt}: one line"
         assert secret not in text and "Traceback" not in text and __file__ not in text, fmt
+        here = "test_escaping.py:"
         if fmt == "text":
-            assert parse_line(text.rstrip("\n"))[2] == {"target": "prod", "error": "RuntimeError"}
+            fields = parse_line(text.rstrip("\n"))[2]
+            where = fields.pop("where")
+            assert fields == {"target": "prod", "error": "RuntimeError"}
         else:
-            assert json.loads(text)["error"] == "RuntimeError"
+            line = json.loads(text)
+            assert line["error"] == "RuntimeError"
+            where = line["where"]
+        # The traceback as frames (file, line, function) and nothing of its text.
+        assert where.startswith(here) and "test_logs_name_the_exception_class" in where, where
 
 
 # -- Slack -----------------------------------------------------------------------------------
