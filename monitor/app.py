@@ -194,6 +194,7 @@ class Daemon:
             api_token=token.get_secret_value() if token is not None else None,
             clock=clock,
             metrics_token=settings.server.metrics_require_token,
+            targets=[target.name for target in settings.targets],
         )
         self.http = HttpServer(app, host=settings.server.host, port=settings.server.port)
 

@@ -21,21 +21,23 @@ from typing import Any
 from sqlalchemy import Engine
 
 from monitor import __version__
+from monitor.commands import AuditCommands
 from monitor.config import Settings, default_config_path, load_settings, summary
-from monitor.core import diff, dumps_json, escape_text, field_value
-from monitor.core.rules import EVENT_KINDS
-from monitor.errors import ConfigError, MonitorError, StorageError
+from monitor.core import dumps_json, escape_text, field_value
+from monitor.errors import BadParameter, ConfigError, MonitorError, NotFound, StorageError
 from monitor.logs import setup_logging
 from monitor.storage import Queries, create_store_engine
 from monitor.storage.engine import open_read_only, require_current_schema
 from monitor.storage.outbox import Outbox
-from monitor.storage.queries import AmbiguousReference, EventView, SnapshotView
-from monitor.timeutil import format_time, parse_time, utc_now
+from monitor.storage.queries import EventView, SnapshotView
+from monitor.timeutil import format_time, utc_now
+from monitor.views import DiffOut, EventOut, SnapshotDocumentOut, SnapshotOut, to_json
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_DRIFT, EXIT_USAGE, EXIT_POLL_FAILED, EXIT_UNKNOWN = 0, 1, 2, 3, 4
 EXIT_CANNOT_VERIFY = 3
+MAX_ROWS = 100_000  # --limit of history and snapshots
 # A command that reads the database found it missing, unreadable or not at the current schema.
 EXIT_NO_DATABASE = 3
 CHECK_DELIVERY_WAIT = 10.0  # seconds `check` waits for its alerts to be delivered
@@ -43,8 +45,16 @@ CHECK_DELIVERY_WAIT = 10.0  # seconds `check` waits for its alerts to be deliver
 log = logging.getLogger("monitor.cli")
 
 
-class UsageError(Exception):
+class UsageError(MonitorError):
     """A bad argument: printed as one line, exit code 2."""
+
+
+# The command layer names a parameter as the API does; on the command line it is this.
+_POSITIONAL = {"time": "TIME", "hash": "HASH_OR_ID", "from": "A", "to": "B"}
+
+
+def _option(name: str) -> str:
+    return _POSITIONAL.get(name, f"--{name}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,6 +73,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"genauth-monitor: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BadParameter as exc:
+        print(f"genauth-monitor: {_option(exc.name)}: {exc.problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except NotFound as exc:
+        # An unknown --target is a usage mistake; an unknown snapshot or moment an answer.
+        if exc.what == "target":
+            print(f"genauth-monitor: --target: {exc.message}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"genauth-monitor: {exc.message}", file=sys.stderr)
+        return EXIT_UNKNOWN
     except MonitorError as exc:
         print(f"genauth-monitor: {exc}", file=sys.stderr)
         return 1
@@ -215,8 +235,13 @@ def _read_only_engine(settings: Settings) -> Engine:
     return engine
 
 
-def _queries(settings: Settings) -> Queries:
-    return Queries(_read_only_engine(settings))
+def _commands(settings: Settings) -> AuditCommands:
+    """The audit commands over the database opened read-only."""
+    return AuditCommands(
+        Queries(_read_only_engine(settings)),
+        clock=utc_now,
+        configured=[target.name for target in settings.targets],
+    )
 
 
 def _reads_database(handler: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
@@ -231,21 +256,6 @@ def _reads_database(handler: Callable[[argparse.Namespace], int]) -> Callable[..
             return EXIT_NO_DATABASE
 
     return run
-
-
-def _time_arg(name: str, value: str | None) -> Any:
-    if value is None:
-        return None
-    try:
-        return parse_time(value, now=utc_now())
-    except ValueError as exc:
-        raise UsageError(f"{name}: {exc}") from None
-
-
-def _limit(value: int) -> int:
-    if not 1 <= value <= 100_000:
-        raise UsageError("--limit: must be between 1 and 100000")
-    return value
 
 
 def _print_json(value: Any) -> None:
@@ -266,13 +276,6 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 def _short(digest: str | None) -> str:
     return digest.removeprefix("sha256:")[:12] if digest else "-"
-
-
-def _known_target(settings: Settings, queries: Queries, name: str | None) -> None:
-    if name is not None and not queries.target_exists(name):
-        names = {t.name for t in settings.targets}
-        if name not in names:
-            raise UsageError(f"--target: unknown target {name!r}")
 
 
 # -- commands --------------------------------------------------------------------------------
@@ -370,7 +373,7 @@ def _check_events(queries: Queries, result: Any, *, since: datetime) -> list[dic
         return []
     if result.stored:
         rows = queries.events(target=result.target, since=since, limit=len(result.events))
-        return [row.as_dict() for row in reversed(rows)]
+        return [to_json(EventOut.of(row)) for row in reversed(rows)]
     return [{"kind": e.kind, "severity": e.severity, "message": e.message} for e in result.events]
 
 
@@ -400,26 +403,20 @@ def _check_line(entry: dict[str, Any]) -> str:
 
 @_reads_database
 def _cmd_history(args: argparse.Namespace) -> int:
-    settings = _settings(args, read_only=True)
-    queries = _queries(settings)
-    _known_target(settings, queries, args.target)
-    kinds = tuple(k for value in args.kind or () for k in value.split(",") if k)
-    unknown = [k for k in kinds if k not in EVENT_KINDS]
-    if unknown:
-        raise UsageError(f"--kind: unknown event kind {unknown[0]!r}")
-    rows = queries.events(
+    page = _commands(_settings(args, read_only=True)).events(
         target=args.target,
-        kinds=kinds,
-        since=_time_arg("--since", args.since),
-        until=_time_arg("--until", args.until),
-        limit=_limit(args.limit),
+        kind=args.kind,
+        since=args.since,
+        until=args.until,
+        limit=args.limit,
+        max_limit=MAX_ROWS,
     )
-    _print_events(rows, "json" if args.json else args.format)
+    _print_events(page.rows, "json" if args.json else args.format)
     return EXIT_OK
 
 
 def _print_events(rows: list[EventView], fmt: str) -> None:
-    dicts = [row.as_dict() for row in rows]
+    dicts = [to_json(EventOut.of(row)) for row in rows]
     if fmt == "json":
         _print_json(dicts)
     elif fmt == "jsonl":
@@ -450,20 +447,20 @@ def _print_events(rows: list[EventView], fmt: str) -> None:
         print("no events")
     else:
         table = [
-            [str(r.id), r.as_dict()["at"], r.target, r.kind, r.severity, r.status, r.message]
-            for r in rows
+            [d["id"], d["at"], d["target"], d["kind"], d["severity"], d["status"], d["message"]]
+            for d in dicts
         ]
         print(_table(table, ["ID", "AT", "TARGET", "KIND", "SEVERITY", "STATUS", "MESSAGE"]))
 
 
 @_reads_database
 def _cmd_snapshots(args: argparse.Namespace) -> int:
-    settings = _settings(args, read_only=True)
-    queries = _queries(settings)
-    _known_target(settings, queries, args.target)
-    rows = queries.snapshots(target=args.target, limit=_limit(args.limit))
+    page = _commands(_settings(args, read_only=True)).snapshots(
+        target=args.target, limit=args.limit, max_limit=MAX_ROWS
+    )
+    rows = page.rows
     if args.json:
-        _print_json([row.as_dict() for row in rows])
+        _print_json([to_json(SnapshotOut.of(row)) for row in rows])
     elif not rows:
         print("no snapshots")
     else:
@@ -487,7 +484,7 @@ def _cmd_snapshots(args: argparse.Namespace) -> int:
 
 
 def _snapshot_row(row: SnapshotView) -> list[str]:
-    data = row.as_dict()
+    data = to_json(SnapshotOut.of(row))
     return [
         str(row.id),
         row.target,
@@ -501,45 +498,24 @@ def _snapshot_row(row: SnapshotView) -> list[str]:
     ]
 
 
-def _lookup(queries: Queries, ref: str) -> SnapshotView:
-    try:
-        found = queries.snapshot(ref)
-    except AmbiguousReference as exc:
-        raise UsageError(f"{exc}; give more of the hash") from None
-    if found is None:
-        raise _Unknown(f"unknown snapshot {ref!r}")
-    return found
-
-
-class _Unknown(MonitorError):
-    """Nothing matches: exit code 4."""
-
-
 @_reads_database
 def _cmd_show(args: argparse.Namespace) -> int:
-    try:
-        snap = _lookup(_queries(_settings(args, read_only=True)), args.ref)
-    except _Unknown as exc:
-        print(f"genauth-monitor: {exc}", file=sys.stderr)
-        return EXIT_UNKNOWN
-    _print_json(snap.as_dict(with_document=True))
+    found = _commands(_settings(args, read_only=True)).snapshot(args.ref)
+    _print_json(to_json(SnapshotDocumentOut.of(found)))
     return EXIT_OK
 
 
 @_reads_database
 def _cmd_diff(args: argparse.Namespace) -> int:
-    queries = _queries(_settings(args, read_only=True))
-    try:
-        old, new = _lookup(queries, args.a), _lookup(queries, args.b)
-    except _Unknown as exc:
-        print(f"genauth-monitor: {exc}", file=sys.stderr)
-        return EXIT_UNKNOWN
-    changes = [c.as_dict() for c in diff(old.document, new.document)]
+    found = _commands(_settings(args, read_only=True)).diff(args.a, args.b)
+    data = to_json(DiffOut.of(found.old, found.new, found.changes))
     if args.json:
-        _print_json({"from": old.hash, "to": new.hash, "changes": changes})
+        _print_json(data)
         return EXIT_OK
-    print(f"--- {old.hash} ({old.target}, first seen {old.as_dict()['first_seen_at']})")
-    print(f"+++ {new.hash} ({new.target}, first seen {new.as_dict()['first_seen_at']})")
+    for sign, view in (("---", found.old), ("+++", found.new)):
+        seen = to_json(SnapshotOut.of(view))["first_seen_at"]
+        print(escape_text(f"{sign} {view.hash} ({view.target}, first seen {seen})"))
+    changes = data["changes"]
     if not changes:
         print("no differences")
     for change in changes:
@@ -551,17 +527,8 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 @_reads_database
 def _cmd_at(args: argparse.Namespace) -> int:
-    settings = _settings(args, read_only=True)
-    queries = _queries(settings)
-    _known_target(settings, queries, args.target)
-    when = _time_arg("TIME", args.time)
-    found = queries.at(args.target, when)
-    if found is None:
-        print(
-            f"genauth-monitor: {args.target} was not observed yet at {args.time}", file=sys.stderr
-        )
-        return EXIT_UNKNOWN
-    data = found.as_dict(with_document=True)
+    found = _commands(_settings(args, read_only=True)).at(args.target, args.time)
+    data = to_json(SnapshotDocumentOut.of(found))
     if args.json:
         _print_json(data)
     else:
@@ -576,7 +543,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     settings = _settings(args, read_only=True)
     try:
-        report = verify_chain(_queries(settings).engine)
+        report = verify_chain(_read_only_engine(settings))
     except StorageError as exc:
         # Not a verdict: "could not check" must never read as "tampered" (1) or "intact" (0).
         print(f"genauth-monitor: cannot verify: {exc}", file=sys.stderr)
@@ -611,7 +578,7 @@ def _cmd_alerts_pending(args: argparse.Namespace) -> int:
                     "attempts": r.attempts,
                     "next_attempt_at": format_time(r.next_attempt_at),
                     "last_error": r.last_error,
-                    "event": r.event.as_dict(),
+                    "event": to_json(EventOut.of(r.event)),
                 }
                 for r in rows
             ]

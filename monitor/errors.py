@@ -2,8 +2,13 @@
 
     MonitorError
     ├── ConfigError        bad configuration; carries one line per problem (exit code 2)
+    ├── BadParameter       a parameter of a command (CLI option, API query) is not usable:
+    │                      ``name`` and ``problem`` (CLI exit code 2, HTTP 400)
+    ├── NotFound           what a command asked about does not exist: ``what`` is ``target``,
+    │                      ``snapshot`` or ``moment`` (CLI exit code 2 or 4, HTTP 404)
     ├── UpstreamError      a failed poll of the GenAuth API, classified by ``reason``
     ├── StorageError       the database is unreachable or refused a write
+    │   └── StaleStateError  the target's state changed under this writer: read it again
     └── DeliveryError      an alert sink did not accept a delivery (it will be retried)
 
 Foreign exceptions (requests, SQLAlchemy, pydantic) are translated at the module that talks to
@@ -16,10 +21,13 @@ from typing import Final, Literal
 
 __all__ = [
     "REASONS",
+    "BadParameter",
     "ConfigError",
     "DeliveryError",
     "MonitorError",
+    "NotFound",
     "Reason",
+    "StaleStateError",
     "StorageError",
     "UpstreamError",
 ]
@@ -50,6 +58,28 @@ class ConfigError(MonitorError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = list(problems)
+
+
+class BadParameter(MonitorError):
+    """A command's parameter ``name`` cannot be used; ``problem`` says why (never a secret)."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name}: {problem}")
+        self.name = name
+        self.problem = problem
+
+
+NotFoundWhat = Literal["target", "snapshot", "moment"]
+
+
+class NotFound(MonitorError):
+    """Nothing matches: an unknown ``target`` or ``snapshot``, or no configuration observed at
+    that ``moment``."""
+
+    def __init__(self, what: NotFoundWhat, message: str) -> None:
+        super().__init__(message)
+        self.what: NotFoundWhat = what
+        self.message = message
 
 
 class UpstreamError(MonitorError):
@@ -98,3 +128,8 @@ class DeliveryError(MonitorError):
     def __init__(self, message: str, *, permanent: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
+
+
+class StaleStateError(StorageError):
+    """The target's current snapshot in the database is not the one the writer assumed
+    (another process recorded something meanwhile): read the state again and re-judge."""

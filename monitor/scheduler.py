@@ -14,6 +14,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from monitor.core.backoff import backoff
 from monitor.service import PollResult, TargetPoller
 from monitor.timeutil import utc_now
 
@@ -39,7 +40,7 @@ def backoff_delay(
     if failures <= 0:
         return 0.0
     ceiling = max(cap, interval)
-    delay = min(ceiling, interval * 2.0 ** min(failures - 1, 32))
+    delay = backoff(failures, first=interval, cap=ceiling)
     # An absurd Retry-After (a proxy's, or years ahead) must not stop polling: it is honoured
     # up to the backoff cap.
     return max(delay, min(retry_after or 0.0, ceiling))

@@ -10,6 +10,7 @@ import requests
 
 from monitor.alerts.transport import post
 from monitor.storage.queries import EventView
+from monitor.views import EventOut, to_json
 
 __all__ = ["SIGNATURE_HEADER", "WebhookSink", "sign"]
 
@@ -37,7 +38,9 @@ class WebhookSink:
         self._secret = secret.encode() if secret is not None else None
 
     def send(self, event: EventView) -> None:
-        body = json.dumps(event.as_dict(), ensure_ascii=False, separators=(",", ":")).encode()
+        body = json.dumps(
+            to_json(EventOut.of(event)), ensure_ascii=False, separators=(",", ":")
+        ).encode()
         headers = {"X-GenAuth-Monitor-Event": event.kind}
         if self._secret is not None:
             headers[SIGNATURE_HEADER] = sign(self._secret, body)

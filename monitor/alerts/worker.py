@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from monitor.core.alerting import FAMILIES
+from monitor.core.backoff import backoff
 from monitor.errors import DeliveryError, StorageError
 from monitor.metrics import Metrics
 from monitor.storage.outbox import Outbox, PendingDelivery
@@ -53,9 +54,8 @@ class SinkPolicy:
 
 
 def retry_delay(attempts: int, cap: float, rng: random.Random | None = None) -> float:
-    """Exponential backoff with "full jitter" between half and all of the step, capped."""
-    step = min(cap, FIRST_RETRY * 2.0 ** min(attempts - 1, 30))
-    return step * (rng or random).uniform(0.5, 1.0)
+    """A delivery's retry: from FIRST_RETRY, doubling, capped, with half of it jittered."""
+    return backoff(attempts, first=FIRST_RETRY, cap=cap, jitter=0.5, rng=rng)
 
 
 class _Lane:

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import Engine, Select, and_, or_, select
 from sqlalchemy.engine import Connection, RowMapping
 
+from monitor.errors import MonitorError
 from monitor.storage.engine import connect
 from monitor.storage.schema import events, poll_state, snapshots, targets
 from monitor.timeutil import format_time, parse_time_strict
@@ -48,22 +49,6 @@ class SnapshotView:
     def cursor(self) -> str:
         return encode_cursor(self.first_seen_at, self.id)
 
-    def as_dict(self, *, with_document: bool = False) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "id": self.id,
-            "target": self.target,
-            "hash": self.hash,
-            "enabled": self.enabled,
-            "type": self.provider_type,
-            "drift": self.drift,
-            "first_seen_at": format_time(self.first_seen_at),
-            "last_seen_at": format_time(self.last_seen_at),
-            "seen_count": self.seen_count,
-        }
-        if with_document:
-            out["document"] = self.document
-        return out
-
 
 @dataclass(frozen=True, slots=True)
 class EventView:
@@ -82,20 +67,6 @@ class EventView:
     def cursor(self) -> str:
         return encode_cursor(self.at, self.row_id)
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "target": self.target,
-            "kind": self.kind,
-            "severity": self.severity,
-            "status": self.status,
-            "at": format_time(self.at),
-            "snapshot": self.snapshot,
-            "previous": self.previous,
-            "changes": self.changes,
-            "message": self.message,
-        }
-
 
 @dataclass(frozen=True, slots=True)
 class TargetView:
@@ -110,21 +81,6 @@ class TargetView:
     last_success_at: datetime | None
     last_change_at: datetime | None
     last_error: dict[str, Any] | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "enabled": self.enabled,
-            "type": self.provider_type,
-            "hash": self.hash,
-            "drift": self.drift,
-            "up": self.up,
-            "consecutive_failures": self.consecutive_failures,
-            "last_attempt_at": format_time(self.last_attempt_at),
-            "last_success_at": format_time(self.last_success_at),
-            "last_change_at": format_time(self.last_change_at),
-            "last_error": self.last_error,
-        }
 
 
 def encode_cursor(at: datetime, row_id: int) -> str:
@@ -143,7 +99,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
         raise ValueError("not a valid cursor") from exc
 
 
-class AmbiguousReference(ValueError):
+class AmbiguousReference(MonitorError):
     """A hash prefix that more than one snapshot hash starts with."""
 
 

@@ -16,7 +16,7 @@ from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from monitor.core import EventDraft
 from monitor.core.alerting import SinkRoute
-from monitor.errors import StorageError
+from monitor.errors import StaleStateError, StorageError
 from monitor.storage import chain, outbox
 from monitor.storage.engine import WRITE, describe_error
 from monitor.storage.schema import (
@@ -33,10 +33,6 @@ __all__ = ["FailureRecord", "NewSnapshot", "StaleStateError", "Store", "TargetSt
 log = logging.getLogger("monitor.storage")
 
 T = TypeVar("T")
-
-
-class StaleStateError(Exception):
-    """The target's current snapshot in the database is not the one the writer assumed."""
 
 
 @dataclass(frozen=True, slots=True)
