@@ -1,28 +1,44 @@
-"""APScheduler wiring: one job per target, never overlapping, with jitter and backoff."""
+"""APScheduler wiring: one job per target on a grid of slots, never overlapping, with jitter
+and backoff.
+
+Each target polls once per **slot**: slot ``k`` is ``origin + k * interval``, and its run is
+placed at a random offset within ``+- jitter * interval / 2`` of the slot. Jitter spreads the
+runs and never adds up, so the mean period is exactly ``interval``. The origins of the targets
+are spread over ``min(interval, 30 s)`` from start, so many targets never poll in one burst.
+
+After a failed poll the job is rescheduled to the first slot at or after its backoff (SPEC §3:
+retried with backoff); a success returns it to every slot. A watchdog thread fails polls past
+their deadline (:meth:`TargetPoller.expire_if_overdue`), and moves every schedule along when
+the wall clock jumps, so a clock set back by a day never stops polling for a day.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
-from apscheduler.triggers.interval import IntervalTrigger
+from apscheduler.triggers.base import BaseTrigger
 
 from monitor.core.backoff import backoff
 from monitor.service import PollResult, TargetPoller
 from monitor.timeutil import utc_now
 
-__all__ = ["PollScheduler", "ScheduledTarget", "backoff_delay"]
+__all__ = ["PollScheduler", "ScheduledTarget", "SlotTrigger", "backoff_delay"]
 
 log = logging.getLogger("monitor.scheduler")
 
 WATCH_EVERY = 0.5  # seconds between the watchdog's looks at the polls in flight
+FIRST_SPREAD_MAX = 30.0  # the first polls of all targets are spread over at most this
+CLOCK_JUMP = 5.0  # seconds of difference between wall and monotonic time that count as a jump
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,45 +62,112 @@ def backoff_delay(
     return max(delay, min(retry_after or 0.0, ceiling))
 
 
-class _Job:
-    """The callable APScheduler runs for one target; skips runs inside a backoff window."""
+class SlotTrigger(BaseTrigger):  # type: ignore[misc]  # APScheduler has no types
+    """Fires once per slot ``origin + k * interval``, each run offset at random within
+    ``+- jitter * interval / 2`` of its slot, and never before ``not_before``."""
 
-    def __init__(self, target: ScheduledTarget, cap: float, monotonic: Callable[[], float]) -> None:
+    __slots__ = ("interval", "jitter", "not_before", "origin", "seed")
+
+    def __init__(self, *, interval: float, jitter: float, origin: datetime, seed: int) -> None:
+        self.interval = interval
+        self.jitter = min(max(jitter, 0.0), 1.0)
+        self.origin = origin
+        self.seed = seed
+        self.not_before: datetime | None = None
+
+    def slot_time(self, k: int) -> datetime:
+        """When slot ``k`` runs: its place on the grid plus its own fixed offset."""
+        offset = 0.0
+        if self.jitter:
+            offset = random.Random(self.seed * 1_000_003 + k).uniform(-0.5, 0.5)
+        return self.origin + timedelta(seconds=self.interval * (k + offset * self.jitter))
+
+    def get_next_fire_time(
+        self, previous_fire_time: datetime | None, now: datetime
+    ) -> datetime | None:
+        after = previous_fire_time or (self.origin - timedelta(seconds=self.interval))
+        # Far behind (a process stopped for a while): missed slots are coalesced anyway, so
+        # start from the last one instead of stepping through each.
+        after = max(after, now - timedelta(seconds=self.interval))
+        floor = self.not_before
+        # The slot after `after` (offsets stay within half an interval of their slot).
+        k = math.floor((after - self.origin).total_seconds() / self.interval + 0.5) + 1
+        if floor is not None and floor > after:
+            k = max(k, math.floor((floor - self.origin).total_seconds() / self.interval) - 1)
+        while True:
+            fire = self.slot_time(k)
+            if fire > after and (floor is None or fire >= floor):
+                return fire
+            k += 1
+
+    def shift(self, delta: timedelta) -> None:
+        """Move the grid with the wall clock (it jumped by ``delta``)."""
+        self.origin += delta
+        if self.not_before is not None:
+            self.not_before += delta
+
+    def __getstate__(self) -> dict[str, Any]:  # APScheduler's interface (job stores)
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+
+    def __repr__(self) -> str:
+        return f"SlotTrigger(interval={self.interval:g}s, jitter={self.jitter:g})"
+
+
+class _Job:
+    """The callable APScheduler runs for one target; after a failure it moves its own next
+    run to the first slot after the backoff."""
+
+    def __init__(
+        self,
+        target: ScheduledTarget,
+        trigger: SlotTrigger,
+        cap: float,
+        reschedule: Callable[[str, datetime], None],
+        now: Callable[[], datetime] = utc_now,
+    ) -> None:
         self._target = target
+        self._trigger = trigger
         self._cap = cap
-        self._monotonic = monotonic
-        self._not_before = 0.0
+        self._reschedule = reschedule
+        self._now = now
 
     def __call__(self) -> None:
-        if self._monotonic() < self._not_before:
-            return
         try:
             result = self._target.poller.poll()
-        except Exception:  # the daemon must outlive any bug in one poll
+        except Exception:  # poll() turns its own bugs into failed polls; this is the last net
             log.exception("poll crashed", extra={"target": self._target.poller.name})
             return
         self._plan_next(result)
 
     def _plan_next(self, result: PollResult) -> None:
+        trigger = self._trigger
         if result.ok:
-            self._not_before = 0.0
+            trigger.not_before = None
             return
         retry_after = result.error.retry_after if result.error is not None else None
+        interval = self._target.interval
         delay = backoff_delay(
-            interval=self._target.interval,
+            interval=interval,
             failures=result.failures_in_a_row,
             cap=self._cap,
             retry_after=retry_after,
         )
-        # The job fires every interval, so the gate opens half an interval early to catch the
-        # run at ``delay``; the upstream's Retry-After is never cut short.
-        self._not_before = self._monotonic() + max(
-            delay - self._target.interval * 0.5, min(retry_after or 0.0, delay)
-        )
+        # Half an interval of slack lets the slot at `delay` through although this poll took
+        # a moment; the upstream's Retry-After is never cut short.
+        wait = max(delay - interval * 0.5, min(retry_after or 0.0, delay))
+        now = self._now()
+        trigger.not_before = now + timedelta(seconds=wait)
+        following = trigger.get_next_fire_time(now, now)
+        assert following is not None
+        self._reschedule(self._target.poller.name, following)
 
 
 class PollScheduler:
-    """Starts one interval job per target; the first poll runs at once (within the jitter)."""
+    """One slot-trigger job per target; the first polls spread over min(interval, 30 s)."""
 
     def __init__(
         self,
@@ -106,15 +189,58 @@ class PollScheduler:
         self._monotonic = monotonic
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
+        self.triggers: dict[str, SlotTrigger] = {}
 
     @property
     def running(self) -> bool:
         return bool(self._scheduler.running)
 
+    def start(self) -> None:
+        now = self._now()
+        count = len(self._targets)
+        for index, target in enumerate(self._targets):
+            name = target.poller.name
+            # Evenly spread first polls: index / count of the spread window.
+            spread = min(target.interval, FIRST_SPREAD_MAX)
+            first = now + timedelta(seconds=spread * index / count)
+            trigger = SlotTrigger(
+                interval=target.interval, jitter=target.jitter, origin=first, seed=index
+            )
+            self.triggers[name] = trigger
+            self._scheduler.add_job(
+                _Job(target, trigger, self._backoff_max, self._reschedule, self._now),
+                trigger,
+                id=name,
+                name=f"poll {name}",
+                next_run_time=first,
+            )
+        self._scheduler.start()
+        self._watchdog = threading.Thread(target=self._watch, name="poll-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def _reschedule(self, name: str, when: datetime) -> None:
+        if self._scheduler.running:
+            self._scheduler.modify_job(name, next_run_time=when)
+
+    def next_run_times(self) -> dict[str, datetime | None]:
+        return {job.id: job.next_run_time for job in self._scheduler.get_jobs()}
+
+    def shift(self, delta: timedelta) -> None:
+        """The wall clock jumped by ``delta``: move every grid and next run along with it, so
+        each target's next poll stays as far ahead in real time as it was."""
+        for job in self._scheduler.get_jobs():
+            trigger = self.triggers.get(job.id)
+            if trigger is not None:
+                trigger.shift(delta)
+            if job.next_run_time is not None:
+                job.modify(next_run_time=job.next_run_time + delta)
+        self._scheduler.wakeup()
+
     def _watch(self) -> None:
         """Count polls that overran their deadline as failed, whatever they are stuck in (a
-        DNS lookup, a proxy): a poll can never keep ``up`` at 1 by not finishing. Its own
-        thread, so that even a pool of stuck workers cannot stop it."""
+        DNS lookup, a proxy), and follow jumps of the wall clock. Its own thread, so that even
+        a pool of stuck workers cannot stop it."""
+        wall, mono = self._now(), self._monotonic()
         while not self._stop.wait(WATCH_EVERY):
             now = self._monotonic()
             for target in self._targets:
@@ -123,21 +249,12 @@ class PollScheduler:
                         "poll overran its deadline; counted as failed",
                         extra={"target": target.poller.name, "deadline_s": target.poller.deadline},
                     )
-
-    def start(self) -> None:
-        now = self._now()
-        for target in self._targets:
-            spread = target.interval * target.jitter
-            self._scheduler.add_job(
-                _Job(target, self._backoff_max, self._monotonic),
-                IntervalTrigger(seconds=target.interval, jitter=spread or None),
-                id=target.poller.name,
-                name=f"poll {target.poller.name}",
-                next_run_time=now + timedelta(seconds=random.uniform(0, min(spread, 5.0))),
-            )
-        self._scheduler.start()
-        self._watchdog = threading.Thread(target=self._watch, name="poll-watchdog", daemon=True)
-        self._watchdog.start()
+            wall_now = self._now()
+            jump = (wall_now - wall).total_seconds() - (now - mono)
+            wall, mono = wall_now, now
+            if abs(jump) > CLOCK_JUMP:
+                log.warning("wall clock jumped; schedules follow", extra={"seconds": round(jump)})
+                self.shift(timedelta(seconds=jump))
 
     def shutdown(self) -> None:
         self._stop.set()

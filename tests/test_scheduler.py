@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
+import statistics
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from monitor.errors import UpstreamError
 from monitor.genauth import GenAuthClient
-from monitor.scheduler import PollScheduler, ScheduledTarget, _Job, backoff_delay
+from monitor.scheduler import PollScheduler, ScheduledTarget, SlotTrigger, _Job, backoff_delay
 from monitor.service import PollResult
 from monitor.simulator import SimulatedGenAuth
 
@@ -37,38 +40,107 @@ class _Poller:
         return self.results.pop(0)
 
 
-def test_job_skips_runs_inside_the_backoff_window() -> None:
-    now = [0.0]
+def _fire_times(poller: _Poller, *, interval: float, runs: int) -> list[float]:
+    """Seconds (from the first) at which the job runs, stepping APScheduler's part by hand:
+    the trigger's next slot, unless the job rescheduled itself."""
+    origin = datetime(2026, 1, 1, tzinfo=UTC)
+    clock = [origin]
+    trigger = SlotTrigger(interval=interval, jitter=0.0, origin=origin, seed=0)
+    moved: list[datetime] = []
+    job = _Job(
+        ScheduledTarget(poller, interval, 0),  # type: ignore[arg-type]
+        trigger,
+        1000,
+        lambda _name, when: moved.append(when),
+        lambda: clock[0],
+    )
+    fired = []
+    for _ in range(runs):
+        fired.append((clock[0] - origin).total_seconds())
+        following = trigger.get_next_fire_time(clock[0], clock[0])
+        job()
+        assert following is not None
+        clock[0] = moved.pop() if moved else following
+    return fired
+
+
+def test_a_failing_target_is_rescheduled_after_its_backoff() -> None:
     error = UpstreamError("http_status", "HTTP 503", http_status=503)
     failing = [PollResult("p", False, error=error, failures_in_a_row=n) for n in (1, 2, 3)]
     poller = _Poller([*failing] + [PollResult("p", True)] * 5)
-    job = _Job(ScheduledTarget(poller, 10, 0), 1000, lambda: now[0])  # type: ignore[arg-type]
-    fired = []
-    for tick in range(0, 100, 10):  # the trigger fires every interval
-        now[0] = tick
-        before = poller.calls
-        job()
-        if poller.calls > before:
-            fired.append(tick)
-    # after failure 1: wait 10 (next tick), after 2: 20, after 3: 40; then every tick
-    assert fired == [0, 10, 30, 70, 80, 90]
+    # after failure 1: wait 10 (next slot), after 2: 20, after 3: 40; then every slot
+    assert _fire_times(poller, interval=10, runs=6) == [0, 10, 30, 70, 80, 90]
 
 
 def test_job_never_cuts_retry_after_short() -> None:
-    now = [0.0]
     error = UpstreamError("http_status", "HTTP 429", http_status=429, retry_after=25)
     poller = _Poller(
         [PollResult("p", False, error=error, failures_in_a_row=1)] + [PollResult("p", True)] * 5
     )
-    job = _Job(ScheduledTarget(poller, 10, 0), 1000, lambda: now[0])  # type: ignore[arg-type]
-    fired = []
-    for tick in range(0, 60, 10):
-        now[0] = tick
-        before = poller.calls
-        job()
-        if poller.calls > before:
-            fired.append(tick)
-    assert fired == [0, 30, 40, 50]
+    assert _fire_times(poller, interval=10, runs=4) == [0, 30, 40, 50]
+
+
+def test_jitter_spreads_runs_around_their_slots_and_never_adds_up() -> None:
+    origin = datetime(2026, 1, 1, tzinfo=UTC)
+    trigger = SlotTrigger(interval=60, jitter=0.1, origin=origin, seed=3)
+    fire: datetime | None = origin
+    times = []
+    for _ in range(1000):
+        assert fire is not None
+        times.append((fire - origin).total_seconds())
+        fire = trigger.get_next_fire_time(fire, fire)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert abs(statistics.mean(gaps) - 60) < 0.05, "the mean period is the interval"
+    assert max(abs(t - 60 * k) for k, t in enumerate(times[1:], 1)) <= 3.0, "within the slot"
+    assert statistics.pstdev(gaps) > 1, "runs are spread"
+
+
+class _Idle:
+    """A poller that is never due to be watched (the tests look at schedules only)."""
+
+    deadline = 20.0
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def poll(self) -> PollResult:
+        return PollResult(self.name, True)
+
+    def expire_if_overdue(self, now: float) -> bool:
+        return False
+
+
+def test_first_polls_spread_over_the_interval_at_most_30_seconds() -> None:
+    now = datetime.now(UTC) + timedelta(hours=1)  # nothing runs during the test
+    targets = [
+        ScheduledTarget(_Idle(f"t{i}"), 60, 0.1)  # type: ignore[arg-type]
+        for i in range(100)
+    ]
+    scheduler = PollScheduler(targets, backoff_max=900, now=lambda: now)
+    scheduler.start()
+    try:
+        firsts = sorted((t - now).total_seconds() for t in scheduler.next_run_times().values())
+    finally:
+        scheduler.shutdown()
+    assert firsts[0] == 0 and 29 < firsts[-1] < 30
+    assert max(b - a for a, b in itertools.pairwise(firsts)) < 0.5, "no burst, no gap"
+
+
+def test_a_wall_clock_jump_moves_every_schedule_along() -> None:
+    wall = [datetime.now(UTC) + timedelta(hours=1)]
+    target = ScheduledTarget(_Idle("t0"), 60, 0)  # type: ignore[arg-type]
+    scheduler = PollScheduler([target], backoff_max=900, now=lambda: wall[0])
+    scheduler.start()
+    try:
+        before = scheduler.next_run_times()["t0"]
+        assert before is not None
+        scheduler.shift(timedelta(days=-1))  # the clock was set back a day
+        after = scheduler.next_run_times()["t0"]
+        assert after == before - timedelta(days=1), "as far ahead in real time as before"
+        trigger = scheduler.triggers["t0"]
+        assert trigger.get_next_fire_time(after, after) == after + timedelta(seconds=60)
+    finally:
+        scheduler.shutdown()
 
 
 class _Counting:
