@@ -51,8 +51,10 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from monitor.core.diff import flatten
+from monitor.core.escape import shown
 from monitor.core.rules import EVENT_KINDS, Severity
 from monitor.errors import ConfigError
+from monitor.timeutil import format_duration, parse_duration
 
 __all__ = [
     "CONFIG_ENV",
@@ -84,17 +86,9 @@ DEFAULT_DATABASE_URL: Final = "sqlite:///genauth-monitor.db"
 DEFAULT_LISTEN: Final = "127.0.0.1:9464"
 
 # --------------------------------------------------------------------------- durations, percents
+# The grammar of durations is monitor.timeutil's (the CLI and the API read ages with it too);
+# the bounds of each duration key are config's own.
 
-_UNIT_SECONDS: Final = {
-    "ms": 0.001,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-    "d": 86400.0,
-    "w": 604800.0,
-}
-_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)")
-_DURATION: Final = re.compile(r"(?:\d+(?:\.\d+)?\s*(?:ms|s|m|h|d|w)\s*)+")
 _PERCENT: Final = re.compile(r"(\d+(?:\.\d+)?)\s*%")
 
 MINUTE: Final = 60.0
@@ -106,29 +100,6 @@ MAX_TIMEOUT: Final = 5 * MINUTE
 MAX_DURATION: Final = 7 * DAY  # backoff_max, repeat_interval, max_backoff
 
 
-def parse_duration(value: str | float) -> float:
-    """Seconds in ``"30s"``, ``"5m"``, ``"1h"``, ``"1h30m"``, ``"250ms"``, ``"2d"``, ``"1w"``
-    or a number; ValueError for anything else, a negative or a non-finite value."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        try:
-            seconds = float(value)
-        except OverflowError:  # an integer beyond any float
-            seconds = math.inf
-    elif isinstance(value, str) and _DURATION.fullmatch(value.strip()):
-        seconds = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(value))
-    elif isinstance(value, str):
-        raise ValueError(f"invalid duration {_shown(value)} (use e.g. 30s, 5m, 1h)")
-    else:
-        raise ValueError(
-            "invalid duration (use a string such as 30s, 5m, 1h or a number of seconds)"
-        )
-    if math.isnan(seconds) or math.isinf(seconds):
-        raise ValueError(f"invalid duration {_shown(value)} (too large or not a number)")
-    if seconds < 0:
-        raise ValueError(f"invalid duration {_shown(value)} (must not be negative)")
-    return seconds
-
-
 def _duration_within(minimum: float, maximum: float, *, above: bool = False) -> BeforeValidator:
     """A duration field bounded to ``[minimum, maximum]`` (``(minimum, maximum]`` if
     ``above``); the message quotes the value as written (durations are never secret)."""
@@ -138,7 +109,7 @@ def _duration_within(minimum: float, maximum: float, *, above: bool = False) -> 
     def parse(value: Any) -> float:
         seconds = parse_duration(value)
         if seconds < minimum or (above and seconds == minimum) or seconds > maximum:
-            raise ValueError(f"must be {bounds}, not {_shown(value)}")
+            raise ValueError(f"must be {bounds}, not {shown(value)}")
         return seconds
 
     return BeforeValidator(parse)
@@ -152,31 +123,10 @@ def parse_percent(value: str | float) -> float:
     elif isinstance(value, int | float) and not isinstance(value, bool):
         fraction = float(value)
     else:
-        raise ValueError(f"invalid percentage {_shown(value)} (use e.g. 10% or 0.1)")
+        raise ValueError(f"invalid percentage {shown(value)} (use e.g. 10% or 0.1)")
     if not 0 <= fraction <= 1:
         raise ValueError("must be between 0% and 100% (0 and 1)")
     return fraction
-
-
-def format_duration(seconds: float) -> str:
-    """The inverse of :func:`parse_duration` for display: ``90`` -> ``"1m30s"``."""
-    millis = round(seconds * 1000)
-    parts = []
-    for unit in ("d", "h", "m", "s", "ms"):
-        size = round(_UNIT_SECONDS[unit] * 1000)
-        count, millis = divmod(millis, size)
-        if count:
-            parts.append(f"{count}{unit}")
-    return "".join(parts) or "0s"
-
-
-def _shown(value: object) -> str:
-    """A non-secret value as quoted in a message, shortened."""
-    try:
-        text = repr(value)
-    except ValueError:  # an integer with more digits than int -> str converts
-        return "a huge number"
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # --------------------------------------------------------------------------- sizes
@@ -204,17 +154,17 @@ def parse_size(value: str | int) -> int:
     or an integer; units are case-insensitive. ValueError for anything else."""
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
-            raise ValueError(f"invalid size {_shown(value)} (must not be negative)")
+            raise ValueError(f"invalid size {shown(value)} (must not be negative)")
         return value
     match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
     if match is None or match.group(2).lower() not in _SIZE_UNITS:
         raise ValueError(
-            f"invalid size {_shown(value)} (use an integer number of bytes or e.g. 512KiB, "
+            f"invalid size {shown(value)} (use an integer number of bytes or e.g. 512KiB, "
             "1MiB, 2MB)"
         )
     size = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
     if not math.isfinite(size):
-        raise ValueError(f"invalid size {_shown(value)} (too large)")
+        raise ValueError(f"invalid size {shown(value)} (too large)")
     return int(size)
 
 
@@ -234,7 +184,7 @@ def _response_size(value: Any) -> int:
     if not MIN_RESPONSE_BYTES <= size <= MAX_RESPONSE_BYTES:
         raise ValueError(
             f"must be between {format_size(MIN_RESPONSE_BYTES)} and "
-            f"{format_size(MAX_RESPONSE_BYTES)}, not {_shown(value)}"
+            f"{format_size(MAX_RESPONSE_BYTES)}, not {shown(value)}"
         )
     return size
 
@@ -503,7 +453,7 @@ def _dotted_path(value: str) -> str:
 
 def _event_kind(value: str) -> str:
     if value not in EVENT_KINDS:
-        raise ValueError(f"unknown event kind {_shown(value)} (known: {', '.join(EVENT_KINDS)})")
+        raise ValueError(f"unknown event kind {shown(value)} (known: {', '.join(EVENT_KINDS)})")
     return value
 
 
@@ -655,7 +605,7 @@ def _split_listen(value: str) -> tuple[str, int]:
         try:
             ipaddress.IPv6Address(match["ipv6"])
         except ValueError:
-            raise ValueError(f"invalid IPv6 address {_shown(match['ipv6'])}") from None
+            raise ValueError(f"invalid IPv6 address {shown(match['ipv6'])}") from None
         return match["ipv6"], int(match["port"])
     return match["host"], int(match["port"])
 
