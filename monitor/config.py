@@ -76,7 +76,6 @@ __all__ = [
     "parse_percent",
     "parse_settings",
     "parse_size",
-    "summary",
 ]
 
 CONFIG_ENV: Final = "GENAUTH_MONITOR_CONFIG"
@@ -375,16 +374,6 @@ def _one_of(keys: tuple[str, ...]) -> str:
 
 def _all(keys: list[str]) -> str:
     return ", ".join(keys[:-1]) + " and " + keys[-1]
-
-
-def _origin(model: BaseModel, key: str) -> str:
-    """Where a secret came from, for display: never the value."""
-    env, file = getattr(model, f"{key}_env", None), getattr(model, f"{key}_file", None)
-    if env:
-        return f"from environment variable {env}"
-    if file:
-        return f"from file {file}"
-    return "in the config file"
 
 
 # --------------------------------------------------------------------------- field types
@@ -875,59 +864,7 @@ def load_settings(
     )
 
 
-def _without_userinfo(url: str) -> str:
-    parts = urlsplit(url)
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
-
-
 def default_config_path(environ: Mapping[str, str] | None = None) -> Path:
     """``$GENAUTH_MONITOR_CONFIG`` if set, else ``./genauth-monitor.toml``."""
     env = os.environ if environ is None else environ
     return Path(env.get(CONFIG_ENV) or DEFAULT_CONFIG_FILE)
-
-
-def summary(settings: Settings) -> list[str]:
-    """What ``config check`` prints: one line per fact found, never a secret."""
-    monitor, server = settings.monitor, settings.server
-    lines = [f"config: {settings.source}"] if settings.source else []
-    lines.append(
-        f"monitor: interval {format_duration(monitor.interval)}, jitter {monitor.jitter * 100:g}%, "
-        f"timeout {format_duration(monitor.timeout)}, failure threshold "
-        f"{monitor.failure_threshold}, backoff max {format_duration(monitor.backoff_max)}, "
-        f"max response {format_size(monitor.max_response_bytes)}, log level {monitor.log_level}"
-    )
-    if monitor.fingerprint_key is not None:
-        lines.append(f"fingerprint key: {_origin(monitor, 'fingerprint_key')}")
-    else:
-        lines.append(
-            "fingerprint key: not configured (a random key file is created on first start)"
-        )
-    kind = "SQLite" if settings.storage.is_sqlite else "PostgreSQL"
-    lines.append(f"storage: {kind} {settings.storage.display_url}")
-    token = (
-        f"API token {_origin(server, 'api_token')}"
-        if server.api_token is not None
-        else "no API token (/api/v1 refuses every request)"
-    )
-    metrics = "/metrics requires the token" if server.metrics_require_token else "/metrics open"
-    lines.append(f"server: listening on {server.listen}, {token}, {metrics}")
-    for target in settings.targets:
-        expect = f", {len(target.expect)} expected value(s)" if target.expect else ""
-        ignore = f", {len(target.ignore)} ignored path(s)" if target.ignore else ""
-        lines.append(
-            f"target {target.name}: {_without_userinfo(target.base_url)}, every "
-            f"{format_duration(target.effective_interval(monitor))}, timeout "
-            f"{format_duration(target.effective_timeout(monitor))}, max response "
-            f"{format_size(target.effective_max_response_bytes(monitor))}, "
-            f"secret {_origin(target, 'access_key_secret')}{expect}{ignore}"
-        )
-    for sink in settings.sinks:
-        kinds = ", ".join(sink.kinds) if sink.kinds else "all kinds"
-        signed = f", signed with secret {_origin(sink, 'secret')}" if sink.secret else ""
-        lines.append(
-            f"sink {sink.name}: {sink.type} to {sink.display_url} (URL {_origin(sink, 'url')}), "
-            f"min severity {sink.min_severity}, {kinds}{signed}"
-        )
-    if not settings.sinks:
-        lines.append("sinks: none (events are recorded but not sent)")
-    return lines

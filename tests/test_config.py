@@ -26,8 +26,8 @@ from monitor.config import (
     parse_percent,
     parse_settings,
     parse_size,
-    summary,
 )
+from monitor.config_summary import summary
 from monitor.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
