@@ -280,6 +280,16 @@ def test_target_problems_name_their_key(target: dict[str, Any], line: str) -> No
     assert problems[0].startswith(line), problems
 
 
+@pytest.mark.parametrize("kind", [[], {}, ["webhook"]])
+def test_a_sink_type_that_is_not_a_string_is_reported_not_raised(kind: Any) -> None:
+    raw = {**minimal(), "sinks": [{"type": kind, "url": "https://x"}, {"type": "webhook"}]}
+    assert problems_of(raw) == [
+        "sinks[0].type: must be 'webhook', 'alertmanager' or 'slack'",
+        "sinks[0].name: required key is missing",  # as for a sink without a type
+        "sinks[1].url: required key is missing (set url_env, url_file or url)",
+    ]
+
+
 def test_targets_are_required() -> None:
     assert problems_of({}) == ["targets: at least one [[targets]] table is required"]
     assert problems_of({"targets": []}) == ["targets: at least one [[targets]] table is required"]

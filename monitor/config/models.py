@@ -287,7 +287,11 @@ class Settings(_Model):
 
 def _name_sinks(sinks: list[Any]) -> list[Any]:
     """An unnamed sink is called by its type, or ``<type>-<index>`` when the type repeats."""
-    types = Counter(sink.get("type") for sink in sinks if isinstance(sink, dict))
+    types = Counter(
+        sink["type"]
+        for sink in sinks
+        if isinstance(sink, dict) and isinstance(sink.get("type"), str)
+    )
     return [
         {**sink, "name": f"{sink['type']}-{index}"}
         if isinstance(sink, dict)
