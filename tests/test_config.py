@@ -528,6 +528,13 @@ def test_parse_percent_rejects(value: Any) -> None:
         parse_percent(value)
 
 
+def test_a_percentage_beyond_any_float_is_out_of_range() -> None:
+    with pytest.raises(ValueError, match="must be between 0% and 100%"):
+        parse_percent(10**400)
+    raw = {**minimal(), "monitor": {"jitter": 10**400}}
+    assert problems_of(raw) == ["monitor.jitter: must be between 0% and 100% (0 and 1)"]
+
+
 def test_durations_and_percents_in_the_file() -> None:
     raw = {
         **minimal(interval=45, timeout="2500ms"),

@@ -87,14 +87,14 @@ def parse_percent(value: str | float) -> float:
     """A fraction 0..1 from ``"10%"`` or ``0.1``."""
     match = _PERCENT.fullmatch(value.strip()) if isinstance(value, str) else None
     if match:
-        fraction = float(match.group(1)) / 100
+        fraction: float = float(match.group(1)) / 100
     elif isinstance(value, int | float) and not isinstance(value, bool):
-        fraction = float(value)
+        fraction = value  # compared as it is: an integer may be beyond any float
     else:
         raise ValueError(f"invalid percentage {shown(value)} (use e.g. 10% or 0.1)")
     if not 0 <= fraction <= 1:
         raise ValueError("must be between 0% and 100% (0 and 1)")
-    return fraction
+    return float(fraction)
 
 
 def parse_size(value: str | int) -> int:
