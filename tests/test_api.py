@@ -162,6 +162,9 @@ def test_ages_are_durations(api: Api) -> None:
     assert kinds(until="1h30m") == []
     snapshots = api.get("/api/v1/targets/prod/snapshots", since="1h30m").json()["snapshots"]
     assert len(snapshots) == 1
+    api.clock.advance(6 * 86400 + 11 * 3600)  # six and a half days old
+    assert kinds(since="1w") == ["first_seen"]
+    assert kinds(since="6d") == []
 
 
 def test_event_pagination_is_stable_while_events_arrive(api: Api) -> None:
