@@ -144,6 +144,21 @@ def test_summary_says_what_was_found_and_no_secret() -> None:
     assert SECRET not in repr(parse_settings(minimal(), base_dir=Path("/x"), environ={}))
 
 
+def test_summary_of_the_defaults_line_by_line() -> None:
+    settings = parse_settings(minimal(), base_dir=Path("/srv/gm"), environ={})
+    assert summary(settings) == [
+        "monitor: interval 1m, jitter 10%, timeout 10s, failure threshold 3, backoff max 15m, "
+        "max response 1MiB, log level info",
+        "fingerprint key: not configured (a random key file is created on first start)",
+        "storage: SQLite sqlite:////srv/gm/genauth-monitor.db",
+        "server: listening on 127.0.0.1:9464, no API token (/api/v1 refuses every request), "
+        "/metrics open",
+        "target prod: https://api.genauth.ai, every 1m, timeout 10s, max response 1MiB, "
+        "secret in the config file",
+        "sinks: none (events are recorded but not sent)",
+    ]
+
+
 def _target() -> TargetSettings:
     return TargetSettings(name="t", access_key_id="id", access_key_secret="s")
 
