@@ -22,7 +22,8 @@ from sqlalchemy import Engine
 
 from monitor import __version__
 from monitor.commands import AuditCommands
-from monitor.config import Settings, default_config_path, load_settings, summary
+from monitor.config import Settings, default_config_path, load_settings
+from monitor.config_summary import summary
 from monitor.core import dumps_json, escape_text, field_value
 from monitor.errors import BadParameter, ConfigError, MonitorError, NotFound, StorageError
 from monitor.logs import setup_logging

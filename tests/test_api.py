@@ -146,6 +146,27 @@ def test_bad_parameters_are_named(api: Api) -> None:
     assert api.get("/api/v1/targets/nope/snapshots").status_code == 404
 
 
+def test_ages_are_durations(api: Api) -> None:
+    """``since`` and ``until`` read ages in the config's duration grammar, as the CLI does."""
+    api.poll_with()
+    api.clock.advance(3600)  # the event is an hour old
+
+    def kinds(**params: str) -> list[str]:
+        answer = api.get("/api/v1/events", **params)
+        assert answer.status_code == 200, answer.text
+        return [event["kind"] for event in answer.json()["events"]]
+
+    assert kinds(since="1h30m") == ["first_seen"]
+    assert kinds(since="1w", until="30m") == ["first_seen"]
+    assert kinds(since="59m") == []
+    assert kinds(until="1h30m") == []
+    snapshots = api.get("/api/v1/targets/prod/snapshots", since="1h30m").json()["snapshots"]
+    assert len(snapshots) == 1
+    api.clock.advance(6 * 86400 + 11 * 3600)  # six and a half days old
+    assert kinds(since="1w") == ["first_seen"]
+    assert kinds(since="6d") == []
+
+
 def test_event_pagination_is_stable_while_events_arrive(api: Api) -> None:
     api.poll_with()
     for port in range(1, 8):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -217,3 +219,46 @@ def test_fingerprint_key_file_is_made_once_private_and_reused(
     assert key_file.read_text() == key, "reused, not replaced"
     again = json.loads(run_cli("snapshots", "-c", str(config), "--json", env=env).stdout)
     assert len(again) == 1 and again[0]["hash"] == first[0]["hash"], "same key, same hash"
+
+
+@pytest.fixture
+def cli(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, env: dict[str, str]
+) -> Iterator[Callable[..., tuple[int, str, str]]]:
+    """``main(argv)`` in-process with ``env`` set; returns (exit code, stdout, stderr). The CLI
+    sets up logging: put it back."""
+    from monitor.cli import main
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    yield run
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_history_ages_are_durations(
+    tmp_path: Path, sim: SimulatedGenAuth, cli: Callable[..., tuple[int, str, str]]
+) -> None:
+    """``--since`` and ``--until`` read ages in the config's duration grammar (SPEC §7)."""
+    c = ["-c", str(write_config(tmp_path, sim))]
+    assert cli("check", *c)[0] == 0
+
+    def kinds(*args: str) -> list[str]:
+        code, out, err = cli("history", *c, "--json", *args)
+        assert code == 0, err
+        return [event["kind"] for event in json.loads(out)]
+
+    assert kinds("--since", "1h30m") == ["first_seen"]
+    assert kinds("--since", "1w") == ["first_seen"]
+    assert kinds("--since", "90s", "--until", "0s") == ["first_seen"]
+    assert kinds("--until", "1h30m") == []
+    code, _, err = cli("history", *c, "--since", "1h30")
+    assert code == 2 and err.startswith("genauth-monitor: --since: invalid time '1h30'"), err

@@ -26,8 +26,8 @@ from monitor.config import (
     parse_percent,
     parse_settings,
     parse_size,
-    summary,
 )
+from monitor.config_summary import summary
 from monitor.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,6 +142,21 @@ def test_summary_says_what_was_found_and_no_secret() -> None:
     assert "slackSecretPart" not in text
     assert "slackSecretPart" not in repr(settings)
     assert SECRET not in repr(parse_settings(minimal(), base_dir=Path("/x"), environ={}))
+
+
+def test_summary_of_the_defaults_line_by_line() -> None:
+    settings = parse_settings(minimal(), base_dir=Path("/srv/gm"), environ={})
+    assert summary(settings) == [
+        "monitor: interval 1m, jitter 10%, timeout 10s, failure threshold 3, backoff max 15m, "
+        "max response 1MiB, log level info",
+        "fingerprint key: not configured (a random key file is created on first start)",
+        "storage: SQLite sqlite:////srv/gm/genauth-monitor.db",
+        "server: listening on 127.0.0.1:9464, no API token (/api/v1 refuses every request), "
+        "/metrics open",
+        "target prod: https://api.genauth.ai, every 1m, timeout 10s, max response 1MiB, "
+        "secret in the config file",
+        "sinks: none (events are recorded but not sent)",
+    ]
 
 
 def _target() -> TargetSettings:
@@ -278,6 +293,16 @@ def test_target_problems_name_their_key(target: dict[str, Any], line: str) -> No
     problems = problems_of(raw)
     assert len(problems) == 1, problems
     assert problems[0].startswith(line), problems
+
+
+@pytest.mark.parametrize("kind", [[], {}, ["webhook"]])
+def test_a_sink_type_that_is_not_a_string_is_reported_not_raised(kind: Any) -> None:
+    raw = {**minimal(), "sinks": [{"type": kind, "url": "https://x"}, {"type": "webhook"}]}
+    assert problems_of(raw) == [
+        "sinks[0].type: must be 'webhook', 'alertmanager' or 'slack'",
+        "sinks[0].name: required key is missing",  # as for a sink without a type
+        "sinks[1].url: required key is missing (set url_env, url_file or url)",
+    ]
 
 
 def test_targets_are_required() -> None:
@@ -516,6 +541,13 @@ def test_parse_percent(value: str | float, fraction: float) -> None:
 def test_parse_percent_rejects(value: Any) -> None:
     with pytest.raises(ValueError):
         parse_percent(value)
+
+
+def test_a_percentage_beyond_any_float_is_out_of_range() -> None:
+    with pytest.raises(ValueError, match="must be between 0% and 100%"):
+        parse_percent(10**400)
+    raw = {**minimal(), "monitor": {"jitter": 10**400}}
+    assert problems_of(raw) == ["monitor.jitter: must be between 0% and 100% (0 and 1)"]
 
 
 def test_durations_and_percents_in_the_file() -> None:

@@ -22,7 +22,7 @@ import json
 import re
 from typing import Any, Final
 
-__all__ = ["dumps_json", "escape_json", "escape_text", "field_value"]
+__all__ = ["dumps_json", "escape_json", "escape_text", "field_value", "shown"]
 
 # Everything of the C0 range, then the rest (kept apart: JSON text has C0 only as whitespace
 # between tokens, json.dumps already escapes it inside strings).
@@ -87,3 +87,13 @@ def field_value(text: str) -> str:
     if _PLAIN.fullmatch(text):
         return text
     return dumps_json(text)
+
+
+def shown(value: object) -> str:
+    """A value quoted in a message: its ``repr`` (which escapes every unprintable character),
+    shortened to 40 characters. Only for values that are never secret."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer with more digits than int -> str converts
+        return "a huge number"
+    return text if len(text) <= 40 else text[:37] + "..."
