@@ -1,54 +1,23 @@
-"""The ``genauth-monitor`` command line: thin commands over app, storage queries and core."""
+"""The ``genauth-monitor`` command line: the parser and the exit codes; the commands live in
+:mod:`monitor.cli_commands`, imported only when one runs (``--version`` starts at once)."""
 
 from __future__ import annotations
 
 import argparse
-import csv
-import functools
-import io
-import json
-import logging
+import importlib
 import os
-import signal
 import sys
-import threading
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-from sqlalchemy import Engine
-
 from monitor import __version__
-from monitor.commands import AuditCommands
-from monitor.config import Settings, default_config_path, load_settings
-from monitor.config_summary import summary
-from monitor.core import dumps_json, escape_text, field_value
-from monitor.errors import BadParameter, ConfigError, MonitorError, NotFound, StorageError
-from monitor.logs import setup_logging
-from monitor.storage import Queries, create_store_engine
-from monitor.storage.engine import open_read_only, require_current_schema
-from monitor.storage.outbox import Outbox
-from monitor.storage.queries import EventView, SnapshotView
-from monitor.timeutil import format_time, utc_now
-from monitor.views import DiffOut, EventOut, SnapshotDocumentOut, SnapshotOut, to_json
+from monitor.errors import BadParameter, ConfigError, MonitorError, NotFound, UsageError
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_DRIFT, EXIT_USAGE, EXIT_POLL_FAILED, EXIT_UNKNOWN = 0, 1, 2, 3, 4
-EXIT_CANNOT_VERIFY = 3
-MAX_ROWS = 100_000  # --limit of history and snapshots
-# A command that reads the database found it missing, unreadable or not at the current schema.
-EXIT_NO_DATABASE = 3
 CHECK_DELIVERY_WAIT = 10.0  # seconds `check` waits for its alerts to be delivered
-
-log = logging.getLogger("monitor.cli")
-
-
-class UsageError(MonitorError):
-    """A bad argument: printed as one line, exit code 2."""
-
 
 # The command layer names a parameter as the API does; on the command line it is this.
 _POSITIONAL = {"time": "TIME", "hash": "HASH_OR_ID", "from": "A", "to": "B"}
@@ -58,12 +27,26 @@ def _option(name: str) -> str:
     return _POSITIONAL.get(name, f"--{name}")
 
 
+def _lazy(name: str) -> Callable[[argparse.Namespace], int]:
+    """The command ``name`` of monitor.cli_commands, imported when it runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        handler: Callable[[argparse.Namespace], int] = getattr(
+            importlib.import_module("monitor.cli_commands"), name
+        )
+        return handler(args)
+
+    return run
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "handler"):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    from monitor.logs import setup_logging
+
     setup_logging(level=args.log_level or "info", fmt=args.log_format)
     try:
         code: int = args.handler(args)
@@ -136,8 +119,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    command("run", _cmd_run, "run the daemon: migrate, schedule polls, serve HTTP")
-    check = command("check", _cmd_check, "poll each target once now and print its state")
+    command("run", _lazy("_cmd_run"), "run the daemon: migrate, schedule polls, serve HTTP")
+    check = command("check", _lazy("_cmd_check"), "poll each target once now and print its state")
     check.add_argument("--target", help="only this target")
     check.add_argument("--json", action="store_true", help="print JSON")
     check.add_argument(
@@ -148,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
         help="how long to wait for alert deliveries before leaving them queued (default 10)",
     )
 
-    history = command("history", _cmd_history, "recorded events, newest first")
+    history = command("history", _lazy("_cmd_history"), "recorded events, newest first")
     history.add_argument("--target")
     history.add_argument("--since", help="RFC 3339 time or age such as 24h, 7d")
     history.add_argument("--until", help="RFC 3339 time or age such as 1h")
@@ -157,25 +140,25 @@ def _parser() -> argparse.ArgumentParser:
     history.add_argument("--json", action="store_true", help="same as --format json")
     history.add_argument("--format", choices=("table", "json", "jsonl", "csv"), default="table")
 
-    snaps = command("snapshots", _cmd_snapshots, "stored snapshots with first/last seen")
+    snaps = command("snapshots", _lazy("_cmd_snapshots"), "stored snapshots with first/last seen")
     snaps.add_argument("--target")
     snaps.add_argument("--limit", type=int, default=100)
     snaps.add_argument("--json", action="store_true")
 
-    show = command("show", _cmd_show, "one snapshot's redacted document")
+    show = command("show", _lazy("_cmd_show"), "one snapshot's redacted document")
     show.add_argument("ref", metavar="HASH_OR_ID")
 
-    diff_cmd = command("diff", _cmd_diff, "field-level diff of two snapshots")
+    diff_cmd = command("diff", _lazy("_cmd_diff"), "field-level diff of two snapshots")
     diff_cmd.add_argument("a", metavar="A", help="hash, hash prefix or id")
     diff_cmd.add_argument("b", metavar="B", help="hash, hash prefix or id")
     diff_cmd.add_argument("--json", action="store_true")
 
-    at = command("at", _cmd_at, "the configuration in force at a time")
+    at = command("at", _lazy("_cmd_at"), "the configuration in force at a time")
     at.add_argument("--target", required=True)
     at.add_argument("time", metavar="TIME", help="RFC 3339 time or age such as 24h")
     at.add_argument("--json", action="store_true")
 
-    command("verify", _cmd_verify, "check the audit hash chain")
+    command("verify", _lazy("_cmd_verify"), "check the audit hash chain")
 
     alerts = command("alerts", _no_subcommand, "alert outbox tools").add_subparsers(
         metavar="ACTION"
@@ -186,20 +169,20 @@ def _parser() -> argparse.ArgumentParser:
     pending.add_argument(
         "--rejected", action="store_true", help="also rows a sink refused (set aside)"
     )
-    pending.set_defaults(handler=_cmd_alerts_pending)
+    pending.set_defaults(handler=_lazy("_cmd_alerts_pending"))
     retry = alerts.add_parser("retry", parents=[common], help="make pending deliveries due now")
     retry.add_argument("--sink")
-    retry.set_defaults(handler=_cmd_alerts_retry)
+    retry.set_defaults(handler=_lazy("_cmd_alerts_retry"))
 
     db = command("db", _no_subcommand, "database maintenance").add_subparsers(metavar="ACTION")
     upgrade_cmd = db.add_parser("upgrade", parents=[common], help="migrate to the newest schema")
-    upgrade_cmd.set_defaults(handler=_cmd_db_upgrade)
+    upgrade_cmd.set_defaults(handler=_lazy("_cmd_db_upgrade"))
 
     conf = command("config", _no_subcommand, "configuration tools").add_subparsers(metavar="ACTION")
     conf_check = conf.add_parser("check", parents=[common], help="validate the configuration")
-    conf_check.set_defaults(handler=_cmd_config_check)
+    conf_check.set_defaults(handler=_lazy("_cmd_config_check"))
 
-    demo = command("demo", _cmd_demo, "run against a built-in simulated GenAuth API")
+    demo = command("demo", _lazy("_cmd_demo"), "run against a built-in simulated GenAuth API")
     demo.add_argument("--listen", default="127.0.0.1:9464", help="HTTP listen address")
     demo.add_argument("--period", type=float, default=5.0, help="seconds between upstream changes")
     demo.add_argument("--duration", type=float, help="stop after this many seconds")
@@ -208,443 +191,3 @@ def _parser() -> argparse.ArgumentParser:
 
 def _no_subcommand(args: argparse.Namespace) -> int:
     raise UsageError("this command needs an action; see --help")
-
-
-# -- helpers ---------------------------------------------------------------------------------
-
-
-def _settings(args: argparse.Namespace, *, read_only: bool = False) -> Settings:
-    """The configuration; ``read_only`` commands need the database only, so credentials are
-    not read (an auditor can run them without the upstream's secrets)."""
-    path = args.config or default_config_path(None)
-    settings = load_settings(path, resolve_secrets=not read_only)
-    if args.log_level is None:
-        logging.getLogger().setLevel(settings.monitor.log_level.upper())
-    return settings
-
-
-def _read_only_engine(settings: Settings) -> Engine:
-    """The database opened read-only and checked to be at the current schema. Never creates,
-    migrates or writes it: the audit commands read evidence (SPEC §7)."""
-    shown = settings.storage.display_url
-    engine = open_read_only(settings.storage.url, shown=shown)
-    try:
-        require_current_schema(engine, shown=shown)
-    except BaseException:
-        engine.dispose()
-        raise
-    return engine
-
-
-def _commands(settings: Settings) -> AuditCommands:
-    """The audit commands over the database opened read-only."""
-    return AuditCommands(
-        Queries(_read_only_engine(settings)),
-        clock=utc_now,
-        configured=[target.name for target in settings.targets],
-    )
-
-
-def _reads_database(handler: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
-    """A command that needs the database: one line and exit 3 when it cannot be used."""
-
-    @functools.wraps(handler)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return handler(args)
-        except StorageError as exc:
-            print(f"genauth-monitor: {exc}", file=sys.stderr)
-            return EXIT_NO_DATABASE
-
-    return run
-
-
-def _print_json(value: Any) -> None:
-    # Exact data, but control, bidi and separator characters as \u escapes (monitor.core.escape).
-    print(dumps_json(value, indent=2))
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    """Aligned columns; every cell is escaped, so upstream text cannot drive the terminal."""
-    rows = [[escape_text(str(cell)) for cell in row] for row in rows]
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
-    lines = [header, *rows]
-    return "\n".join(
-        "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-        for line in lines
-    )
-
-
-def _short(digest: str | None) -> str:
-    return digest.removeprefix("sha256:")[:12] if digest else "-"
-
-
-# -- commands --------------------------------------------------------------------------------
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    from monitor.app import Daemon
-    from monitor.keyfile import fingerprint_key
-    from monitor.startup import check_listen, open_storage
-
-    # Everything that can be found wrong before the daemon does anything is exit code 2 with a
-    # line naming the key: the listen address, the database, the fingerprint key file.
-    settings = _settings(args)
-    check_listen(settings)
-    open_storage(settings, migrate=False).dispose()
-    fingerprint_key(settings)
-    daemon = Daemon(settings)
-    _run_until_signal(daemon.run_until)
-    return EXIT_OK
-
-
-def _run_until_signal(run: Callable[[threading.Event], None]) -> None:
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("stopping", extra={"signal": signal.Signals(signum).name})
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    run(stop)
-
-
-def _cmd_check(args: argparse.Namespace) -> int:
-    from monitor.app import build_runtime
-
-    settings = _settings(args)
-    if args.target is not None and args.target not in {t.name for t in settings.targets}:
-        raise UsageError(f"--target: unknown target {args.target!r}")
-    try:
-        runtime = build_runtime(settings)
-    except StorageError as exc:
-        # Not a verdict on the provider: "could not check" is the poll-failed code, never 1.
-        print(f"genauth-monitor: cannot record the check: {exc}", file=sys.stderr)
-        return EXIT_POLL_FAILED
-    started = utc_now()
-    results = [
-        poller.poll() for name, poller in runtime.pollers.items() if args.target in (None, name)
-    ]
-    report = []
-    for result in results:
-        entry: dict[str, Any] = {"target": result.target, "ok": result.ok}
-        if result.ok:
-            entry.update(
-                enabled=result.document.get("enabled") is True,
-                type=result.document.get("type"),
-                hash=result.hash,
-                drift=result.drift,
-            )
-        else:
-            assert result.error is not None
-            error = result.error
-            entry["error"] = {
-                "reason": error.reason,
-                "message": error.message,
-                "http_status": error.http_status,
-                "api_code": error.api_code,
-                "request_id": error.request_id,
-            }
-        entry["recorded"] = result.stored
-        entry["events"] = _check_events(runtime.queries, result, since=started)
-        report.append(entry)
-    code = _check_exit_code(report)
-    left = runtime.delivery.drain(timeout=args.delivery_timeout) if settings.sinks else 0
-    if left:
-        print(
-            f"genauth-monitor: {left} alert deliveries still pending; "
-            "they stay queued for the daemon (see 'alerts pending')",
-            file=sys.stderr,
-        )
-    if args.json:
-        _print_json({"targets": report, "alerts_pending": left, "exit_code": code})
-    else:
-        for entry in report:
-            print(_check_line(entry))
-            for event in entry["events"]:
-                print(f"    {event['severity']}: {escape_text(event['message'])}")
-    return code
-
-
-def _check_events(queries: Queries, result: Any, *, since: datetime) -> list[dict[str, Any]]:
-    """The events this check recorded, as the event JSON of SPEC §4 (oldest first); only
-    kind, severity and message when the database did not take them."""
-    if not result.events:
-        return []
-    if result.stored:
-        rows = queries.events(target=result.target, since=since, limit=len(result.events))
-        return [to_json(EventOut.of(row)) for row in reversed(rows)]
-    return [{"kind": e.kind, "severity": e.severity, "message": e.message} for e in result.events]
-
-
-def _check_exit_code(report: list[dict[str, Any]]) -> int:
-    # A known bad state outranks an unknown one: disabled or drifting is what operators page on.
-    if any(e["ok"] and (not e["enabled"] or e["drift"]) for e in report):
-        return EXIT_DRIFT
-    if any(not e["ok"] for e in report):
-        return EXIT_POLL_FAILED
-    return EXIT_OK
-
-
-def _check_line(entry: dict[str, Any]) -> str:
-    if not entry["ok"]:
-        error = entry["error"]
-        status = f" HTTP {error['http_status']}" if error["http_status"] else ""
-        return escape_text(
-            f"{entry['target']}: POLL FAILED ({error['reason']}{status}): {error['message']}"
-        )
-    # The type is upstream text: quoted when it holds a space or '=', so it forges no field.
-    return (
-        f"{escape_text(entry['target'])}: {'enabled' if entry['enabled'] else 'DISABLED'}"
-        f" type={field_value(str(entry['type'] or '-'))} hash={entry['hash']}"
-        f" drift={'YES' if entry['drift'] else 'no'}"
-    )
-
-
-@_reads_database
-def _cmd_history(args: argparse.Namespace) -> int:
-    page = _commands(_settings(args, read_only=True)).events(
-        target=args.target,
-        kind=args.kind,
-        since=args.since,
-        until=args.until,
-        limit=args.limit,
-        max_limit=MAX_ROWS,
-    )
-    _print_events(page.rows, "json" if args.json else args.format)
-    return EXIT_OK
-
-
-def _print_events(rows: list[EventView], fmt: str) -> None:
-    dicts = [to_json(EventOut.of(row)) for row in rows]
-    if fmt == "json":
-        _print_json(dicts)
-    elif fmt == "jsonl":
-        for item in dicts:
-            print(dumps_json(item))
-    elif fmt == "csv":
-        out = io.StringIO()
-        fields = [
-            "id",
-            "at",
-            "target",
-            "kind",
-            "severity",
-            "status",
-            "snapshot",
-            "previous",
-            "message",
-            "changes",
-        ]
-        writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
-        writer.writeheader()
-        for item in dicts:
-            # Text cells escaped like the table (the exact text is in json/jsonl).
-            row = {k: escape_text(v) if isinstance(v, str) else v for k, v in item.items()}
-            writer.writerow({**row, "changes": dumps_json(item["changes"])})
-        sys.stdout.write(out.getvalue())
-    elif not rows:
-        print("no events")
-    else:
-        table = [
-            [d["id"], d["at"], d["target"], d["kind"], d["severity"], d["status"], d["message"]]
-            for d in dicts
-        ]
-        print(_table(table, ["ID", "AT", "TARGET", "KIND", "SEVERITY", "STATUS", "MESSAGE"]))
-
-
-@_reads_database
-def _cmd_snapshots(args: argparse.Namespace) -> int:
-    page = _commands(_settings(args, read_only=True)).snapshots(
-        target=args.target, limit=args.limit, max_limit=MAX_ROWS
-    )
-    rows = page.rows
-    if args.json:
-        _print_json([to_json(SnapshotOut.of(row)) for row in rows])
-    elif not rows:
-        print("no snapshots")
-    else:
-        print(
-            _table(
-                [_snapshot_row(row) for row in rows],
-                [
-                    "ID",
-                    "TARGET",
-                    "HASH",
-                    "ENABLED",
-                    "TYPE",
-                    "DRIFT",
-                    "FIRST SEEN",
-                    "LAST SEEN",
-                    "COUNT",
-                ],
-            )
-        )
-    return EXIT_OK
-
-
-def _snapshot_row(row: SnapshotView) -> list[str]:
-    data = to_json(SnapshotOut.of(row))
-    return [
-        str(row.id),
-        row.target,
-        row.hash,
-        "yes" if row.enabled else "NO",
-        row.provider_type or "-",
-        "YES" if row.drift else "no",
-        data["first_seen_at"],
-        data["last_seen_at"],
-        str(row.seen_count),
-    ]
-
-
-@_reads_database
-def _cmd_show(args: argparse.Namespace) -> int:
-    found = _commands(_settings(args, read_only=True)).snapshot(args.ref)
-    _print_json(to_json(SnapshotDocumentOut.of(found)))
-    return EXIT_OK
-
-
-@_reads_database
-def _cmd_diff(args: argparse.Namespace) -> int:
-    found = _commands(_settings(args, read_only=True)).diff(args.a, args.b)
-    data = to_json(DiffOut.of(found.old, found.new, found.changes))
-    if args.json:
-        _print_json(data)
-        return EXIT_OK
-    for sign, view in (("---", found.old), ("+++", found.new)):
-        seen = to_json(SnapshotOut.of(view))["first_seen_at"]
-        print(escape_text(f"{sign} {view.hash} ({view.target}, first seen {seen})"))
-    changes = data["changes"]
-    if not changes:
-        print("no differences")
-    for change in changes:
-        # The path is built from upstream key names; the values are ASCII-only JSON.
-        path = escape_text(change["path"])
-        print(f"  {path}: {json.dumps(change['old'])} -> {json.dumps(change['new'])}")
-    return EXIT_OK
-
-
-@_reads_database
-def _cmd_at(args: argparse.Namespace) -> int:
-    found = _commands(_settings(args, read_only=True)).at(args.target, args.time)
-    data = to_json(SnapshotDocumentOut.of(found))
-    if args.json:
-        _print_json(data)
-    else:
-        print(escape_text(f"{found.target} at {args.time}: snapshot {found.hash}"))
-        print(f"in force from {data['first_seen_at']}, last seen {data['last_seen_at']}")
-        _print_json(found.document)
-    return EXIT_OK
-
-
-def _cmd_verify(args: argparse.Namespace) -> int:
-    from monitor.storage.chain import verify_chain
-
-    settings = _settings(args, read_only=True)
-    try:
-        report = verify_chain(_read_only_engine(settings))
-    except StorageError as exc:
-        # Not a verdict: "could not check" must never read as "tampered" (1) or "intact" (0).
-        print(f"genauth-monitor: cannot verify: {exc}", file=sys.stderr)
-        return EXIT_CANNOT_VERIFY
-    print(report.describe())
-    return EXIT_OK if report.intact else EXIT_DRIFT
-
-
-def _outbox(args: argparse.Namespace, *, write: bool = False) -> Outbox:
-    settings = _settings(args, read_only=True)
-    if args.sink is not None and args.sink not in {s.name for s in settings.sinks}:
-        raise UsageError(f"--sink: unknown sink {args.sink!r}")
-    engine = _read_only_engine(settings)
-    if not write:
-        return Outbox(engine)
-    # A writer, but like the readers it never creates or migrates: it writes only to a database
-    # just found to exist at the current schema.
-    engine.dispose()
-    return Outbox(create_store_engine(settings.storage.url))
-
-
-@_reads_database
-def _cmd_alerts_pending(args: argparse.Namespace) -> int:
-    rows = _outbox(args).pending(sink=args.sink, rejected=args.rejected)
-    if args.json:
-        _print_json(
-            [
-                {
-                    "id": r.id,
-                    "status": r.status,
-                    "sink": r.sink,
-                    "attempts": r.attempts,
-                    "next_attempt_at": format_time(r.next_attempt_at),
-                    "last_error": r.last_error,
-                    "event": to_json(EventOut.of(r.event)),
-                }
-                for r in rows
-            ]
-        )
-    elif not rows:
-        print("no pending alert deliveries")
-    else:
-        print(
-            _table(
-                [
-                    [
-                        str(r.id),
-                        r.status,
-                        r.sink,
-                        r.event.target,
-                        r.event.kind,
-                        str(r.attempts),
-                        format_time(r.next_attempt_at) or "-",
-                        r.last_error or "-",
-                    ]
-                    for r in rows
-                ],
-                [
-                    "ID",
-                    "STATUS",
-                    "SINK",
-                    "TARGET",
-                    "KIND",
-                    "ATTEMPTS",
-                    "NEXT ATTEMPT",
-                    "LAST ERROR",
-                ],
-            )
-        )
-    return EXIT_OK
-
-
-@_reads_database
-def _cmd_alerts_retry(args: argparse.Namespace) -> int:
-    count = _outbox(args, write=True).retry_now(utc_now(), sink=args.sink)
-    print(f"{count} pending deliveries are due now; a running daemon sends them within seconds")
-    return EXIT_OK
-
-
-def _cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from monitor.startup import open_storage
-
-    settings = _settings(args, read_only=True)
-    open_storage(settings, migrate=True).dispose()
-    print(f"database at {settings.storage.display_url} is at the newest schema")
-    return EXIT_OK
-
-
-def _cmd_config_check(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    for line in summary(settings):
-        print(line)
-    print("configuration OK")
-    return EXIT_OK
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from monitor.demo import run_demo
-
-    _run_until_signal(
-        lambda stop: run_demo(stop, listen=args.listen, period=args.period, duration=args.duration)
-    )
-    return EXIT_OK

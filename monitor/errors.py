@@ -2,6 +2,7 @@
 
     MonitorError
     ├── ConfigError        bad configuration; carries one line per problem (exit code 2)
+    ├── UsageError         a command line that cannot be run as given (exit code 2)
     ├── BadParameter       a parameter of a command (CLI option, API query) is not usable:
     │                      ``name`` and ``problem`` (CLI exit code 2, HTTP 400)
     ├── NotFound           what a command asked about does not exist: ``what`` is ``target``,
@@ -30,6 +31,7 @@ __all__ = [
     "StaleStateError",
     "StorageError",
     "UpstreamError",
+    "UsageError",
 ]
 
 Reason = Literal[
@@ -58,6 +60,10 @@ class ConfigError(MonitorError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = list(problems)
+
+
+class UsageError(MonitorError):
+    """A command line that cannot be run as given: printed as one line, exit code 2."""
 
 
 class BadParameter(MonitorError):

@@ -46,11 +46,12 @@ def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> 
     the root logger, which is put back afterwards. Should a check let ``run`` through, the
     daemon is not left running (the test would hang): starting it fails the test."""
     from monitor import cli as cli_module
+    from monitor import cli_commands
 
     def started(_run: object) -> None:
         raise AssertionError("run got past its start-up checks and started the daemon")
 
-    monkeypatch.setattr(cli_module, "_run_until_signal", started)
+    monkeypatch.setattr(cli_commands, "_run_until_signal", started)
     main = cli_module.main
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
