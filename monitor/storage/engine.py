@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from alembic import command
-from alembic.config import Config
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError
 from sqlalchemy import Engine, create_engine, event, inspect, make_url
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool, StaticPool
 
 from monitor.errors import StorageError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
 
 __all__ = [
     "WRITE",
@@ -106,6 +107,8 @@ def migrations_dir() -> Path:
 
 
 def alembic_config(connection: Connection) -> Config:
+    from alembic.config import Config  # Alembic only where migrations run: a fast CLI
+
     config = Config()
     config.set_main_option("script_location", str(migrations_dir()))
     config.attributes["connection"] = connection
@@ -125,6 +128,8 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             try:
                 with connection.begin():
                     before = _broken_references(connection) if sqlite else set()
+                    from alembic import command
+
                     command.upgrade(alembic_config(connection), revision)
                     # Only what the migration broke counts: rows deleted by hand before it (a
                     # tampered database that `verify` must still be able to examine) do not.
@@ -194,10 +199,10 @@ def require_current_schema(engine: Engine, *, shown: str | None = None) -> None:
                 current = {str(row[0]) for row in rows}
     except SQLAlchemyError as exc:
         raise UnusableDatabase(f"cannot read {shown}: {describe_error(exc)}") from None
+    if current == shipped_heads():
+        return
     scripts = _scripts()
     heads = set(scripts.get_heads())
-    if current == heads:
-        return
     have, want = ", ".join(sorted(current)), ", ".join(sorted(heads))
     if not current:
         raise UnusableDatabase(
@@ -215,7 +220,26 @@ def require_current_schema(engine: Engine, *, shown: str | None = None) -> None:
     )
 
 
+_REVISION = re.compile(r'^(down_revision|revision)\s*=\s*["\']([^"\']+)["\']', re.MULTILINE)
+
+
+def shipped_heads() -> set[str]:
+    """The newest revisions of the shipped migrations, read from the scripts' own
+    ``revision``/``down_revision`` lines: what Alembic calls the heads, without importing it
+    (a read-only command should start at once)."""
+    revisions, parents = set(), set()
+    for script in (migrations_dir() / "versions").glob("*.py"):
+        found = dict(_REVISION.findall(script.read_text(encoding="utf-8")))
+        if "revision" in found:
+            revisions.add(found["revision"])
+            parents.add(found.get("down_revision", ""))
+    return revisions - parents
+
+
 def _scripts() -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
     try:
         return ScriptDirectory(str(migrations_dir()))
     except CommandError as exc:
