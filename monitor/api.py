@@ -7,7 +7,11 @@ answer the same; problems are the command layer's BadParameter (400) and NotFoun
 
 from __future__ import annotations
 
+import gzip
 import hmac
+import math
+import threading
+import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Annotated, Any
 
@@ -50,6 +54,31 @@ _ERROR_TEXT = {
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorOut, "description": _ERROR_TEXT[code]} for code in codes}
+
+
+class _Rendered:
+    """The exposition, rendered at most once a second however many scrapers ask, and
+    compressed once per render for those that accept gzip."""
+
+    MAX_AGE = 1.0
+
+    def __init__(self, render: Callable[[], bytes]) -> None:
+        self._render = render
+        self._lock = threading.Lock()
+        self._at = -math.inf
+        self._plain = b""
+        self._gzip: bytes | None = None
+
+    def get(self, *, gzipped: bool) -> bytes:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._at > self.MAX_AGE:
+                self._plain, self._gzip, self._at = self._render(), None, now
+            if not gzipped:
+                return self._plain
+            if self._gzip is None:
+                self._gzip = gzip.compress(self._plain, compresslevel=1)
+            return self._gzip
 
 
 def _commands(request: Request) -> AuditCommands:
@@ -189,15 +218,18 @@ def create_app(
     clock: Clock,
     metrics_token: bool = False,
     targets: Collection[str] = (),
+    render: Callable[[], bytes] | None = None,
 ) -> FastAPI:
     """The ASGI application. ``ready`` says whether the database and scheduler are fine;
-    ``targets`` are the configured target names."""
+    ``targets`` are the configured target names; ``render`` gives the /metrics text
+    (``generate_latest(registry)`` by default)."""
     app = FastAPI(
         title="genauth-monitor",
         version=__version__,
         description="Read-only history of GenAuth email provider configuration.",
     )
     app.state.commands = AuditCommands(queries, clock=clock, configured=targets)
+    rendered = _Rendered(render or (lambda: generate_latest(registry)))
     app.state.api_token = api_token
     _install_error_handlers(app)
 
@@ -222,8 +254,11 @@ def create_app(
         responses=_errors(401, 503) if metrics_token else {},
         summary="Prometheus metrics",
     )
-    def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    def metrics(request: Request) -> Response:
+        gzipped = "gzip" in request.headers.get("accept-encoding", "")
+        body = rendered.get(gzipped=gzipped)
+        headers = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"} if gzipped else {}
+        return Response(body, media_type=CONTENT_TYPE_LATEST, headers=headers)
 
     app.include_router(v1)
     return app

@@ -195,6 +195,7 @@ class Daemon:
             clock=clock,
             metrics_token=settings.server.metrics_require_token,
             targets=[target.name for target in settings.targets],
+            render=self.runtime.metrics.render,
         )
         self.http = HttpServer(app, host=settings.server.host, port=settings.server.port)
 

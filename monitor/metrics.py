@@ -1,22 +1,91 @@
-"""Prometheus instruments of SPEC §5, owned by one object on a registry it is given."""
+"""Prometheus metrics of SPEC §5, owned by one object on a registry it is given.
+
+The per-target state is a small record per target, exported by a custom collector (the
+prometheus-client ``Collector`` interface) instead of thousands of labelled children: a poll
+only sets a few attributes, and a scrape walks the records once. A target has about ten series:
+seven gauges, ``polls_total{outcome="success"}`` (from 0) and a series of ``polls_total`` or
+``changes_total`` for each outcome and kind that has happened (they appear when they first
+happen; the shipped rules account for that). The poll-duration histogram is one for all
+targets, beside a per-target gauge of the last duration.
+"""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString as _go_float
 
 from monitor import __version__
-from monitor.core.rules import EVENT_KINDS
 
 __all__ = ["Metrics"]
 
-# Few buckets: the histogram is per target and dominates a large scrape.
-_POLL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+_POLL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+_TARGET_GAUGES = (
+    # (name, help, attribute of _Target)
+    (
+        "genauth_email_provider_enabled",
+        "1 if the target's third-party email provider is enabled, 0 if not.",
+        "enabled",
+    ),
+    (
+        "genauth_email_provider_drift",
+        "1 if the target's configuration differs from its expected baseline.",
+        "drift",
+    ),
+    (
+        "genauth_email_provider_last_change_timestamp_seconds",
+        "Unix time when the target's configuration last changed (new snapshot).",
+        "last_change",
+    ),
+    ("genauth_monitor_up", "1 if the last poll of the target succeeded.", "up"),
+    (
+        "genauth_monitor_last_success_timestamp_seconds",
+        "Unix time of the target's last successful poll.",
+        "last_success",
+    ),
+    (
+        "genauth_monitor_last_poll_duration_seconds",
+        "Duration of the target's last poll (token, fetch, redaction, queueing).",
+        "last_duration",
+    ),
+)
+
+
+class _Target:
+    """What the gauges and counters of one target show; None: not known yet (no series)."""
+
+    __slots__ = (
+        "changes",
+        "drift",
+        "enabled",
+        "hash12",
+        "last_change",
+        "last_duration",
+        "last_success",
+        "polls",
+        "provider_type",
+        "up",
+        "version",
+    )
+
+    def __init__(self) -> None:
+        self.enabled: float | None = None
+        self.drift: float | None = None
+        self.provider_type: str | None = None
+        self.hash12: str | None = None
+        self.last_change: float | None = None
+        self.up: float | None = None
+        self.last_success: float | None = None
+        self.last_duration: float | None = None
+        self.polls: dict[str, int] = {"success": 0}
+        self.changes: dict[str, int] = {}
+        self.version = 0  # bumped by every change, so a render redoes only changed targets
 
 
 class Metrics:
@@ -24,84 +93,45 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.enabled = Gauge(
-            "genauth_email_provider_enabled",
-            "1 if the target's third-party email provider is enabled, 0 if not.",
-            ["target"],
-            registry=registry,
-        )
-        self.info = Gauge(
-            "genauth_email_provider_info",
-            "Current email provider type and snapshot hash (first 12 hex) of the target.",
-            ["target", "type", "hash"],
-            registry=registry,
-        )
-        self.drift = Gauge(
-            "genauth_email_provider_drift",
-            "1 if the target's configuration differs from its expected baseline.",
-            ["target"],
-            registry=registry,
-        )
-        self.changes = Counter(
-            "genauth_email_provider_changes",
-            "Drift events recorded, by kind.",
-            ["target", "kind"],
-            registry=registry,
-        )
-        self.last_change = Gauge(
-            "genauth_email_provider_last_change_timestamp_seconds",
-            "Unix time when the target's configuration last changed (new snapshot).",
-            ["target"],
-            registry=registry,
-        )
-        self.up = Gauge(
-            "genauth_monitor_up",
-            "1 if the last poll of the target succeeded.",
-            ["target"],
-            registry=registry,
-        )
-        self.polls = Counter(
-            "genauth_monitor_polls",
-            "Polls of the GenAuth API by outcome (success or the failure reason class).",
-            ["target", "outcome"],
-            registry=registry,
-        )
+        self._lock = threading.Lock()
+        self._targets: dict[str, _Target] = {}
+        self._text = _TargetText()
+        # Everything but the per-target families; `registry` shows both.
+        self._rest = CollectorRegistry(auto_describe=True)
+        registry.register(_TargetCollector(self))
+        registry.register(_Forward(self._rest))
         self.poll_duration = Histogram(
             "genauth_monitor_poll_duration_seconds",
-            "Duration of one poll (token, fetch, redaction, storage).",
-            ["target"],
+            "Duration of one poll (token, fetch, redaction, queueing), all targets.",
             buckets=_POLL_BUCKETS,
-            registry=registry,
-        )
-        self.last_success = Gauge(
-            "genauth_monitor_last_success_timestamp_seconds",
-            "Unix time of the target's last successful poll.",
-            ["target"],
-            registry=registry,
+            registry=self._rest,
         )
         self.deliveries = Counter(
             "genauth_monitor_alert_deliveries",
             "Alert deliveries to sinks by outcome.",
             ["sink", "outcome"],
-            registry=registry,
+            registry=self._rest,
         )
         self.outbox_pending = _OutboxPending()
-        registry.register(self.outbox_pending)
+        self._rest.register(self.outbox_pending)
         self.build_info = Gauge(
             "genauth_monitor_build_info",
             "Build information of genauth-monitor.",
             ["version"],
-            registry=registry,
+            registry=self._rest,
         )
         self.build_info.labels(version=__version__).set(1)
-        self._info_labels: dict[str, tuple[str, str]] = {}
+
+    def _target(self, name: str) -> _Target:
+        state = self._targets.get(name)
+        if state is None:
+            with self._lock:
+                state = self._targets.setdefault(name, _Target())
+        return state
 
     def declare_target(self, target: str) -> None:
-        """Create the target's counters at 0, so ``increase()`` sees the first change after a
-        restart (a series that appears at 1 has no increase for Prometheus)."""
-        for kind in EVENT_KINDS:
-            self.changes.labels(target=target, kind=kind)
-        self.polls.labels(target=target, outcome="success")
+        """The target exists (``polls_total{outcome="success"}`` at 0) before its first poll."""
+        self._target(target)
 
     def declare_sink(self, sink: str) -> None:
         for outcome in ("sent", "failed"):
@@ -112,35 +142,102 @@ class Metrics:
         self, target: str, *, enabled: bool, provider_type: str | None, hash_: str, drift: bool
     ) -> None:
         """Gauges describing the target's current snapshot."""
-        self.enabled.labels(target=target).set(1 if enabled else 0)
-        self.drift.labels(target=target).set(1 if drift else 0)
-        labels = (provider_type or "", hash_.removeprefix("sha256:")[:12])
-        previous = self._info_labels.get(target)
-        if previous != labels:
-            if previous is not None:
-                # One series per target: the old type/hash must disappear, not linger at 1.
-                self.info.remove(target, *previous)
-            self._info_labels[target] = labels
-        self.info.labels(target, *labels).set(1)
+        state = self._target(target)
+        state.enabled = 1.0 if enabled else 0.0
+        state.drift = 1.0 if drift else 0.0
+        state.provider_type = provider_type or ""
+        state.hash12 = hash_.removeprefix("sha256:")[:12]
+        state.version += 1
 
     def set_last_change(self, target: str, at: datetime | None) -> None:
         if at is not None:
-            self.last_change.labels(target=target).set(at.timestamp())
+            state = self._target(target)
+            state.last_change = at.timestamp()
+            state.version += 1
 
     def set_outbox_pending(self, sink: str, count: int) -> None:
         self.outbox_pending.set(sink, count)
 
     def set_up(self, target: str, up: bool, last_success: datetime | None) -> None:
-        self.up.labels(target=target).set(1 if up else 0)
+        state = self._target(target)
+        state.up = 1.0 if up else 0.0
         if last_success is not None:
-            self.last_success.labels(target=target).set(last_success.timestamp())
+            state.last_success = last_success.timestamp()
+        state.version += 1
 
     def observe_poll(self, target: str, outcome: str, seconds: float) -> None:
-        self.polls.labels(target=target, outcome=outcome).inc()
-        self.poll_duration.labels(target=target).observe(seconds)
+        state = self._target(target)
+        with self._lock:
+            state.polls[outcome] = state.polls.get(outcome, 0) + 1
+        state.last_duration = seconds
+        state.version += 1
+        self.poll_duration.observe(seconds)
 
     def count_event(self, target: str, kind: str) -> None:
-        self.changes.labels(target=target, kind=kind).inc()
+        state = self._target(target)
+        with self._lock:
+            state.changes[kind] = state.changes.get(kind, 0) + 1
+        state.version += 1
+
+    def snapshot(self) -> list[tuple[str, _Target]]:
+        with self._lock:
+            return sorted(self._targets.items())
+
+    def render(self) -> bytes:
+        """The whole exposition (what ``generate_latest(registry)`` gives), fast: each target's
+        lines are kept and redone only when that target changed, which is what makes a scrape
+        of 10,000 targets cheap."""
+        return self._text.render(self.snapshot()) + generate_latest(self._rest)
+
+
+class _TargetCollector:
+    """The per-target families, built from the records at collect time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        targets = self._metrics.snapshot()
+        for name, help_text, attribute in _TARGET_GAUGES:
+            family = GaugeMetricFamily(name, help_text, labels=["target"])
+            for target, state in targets:
+                value = getattr(state, attribute)
+                if value is not None:
+                    family.samples.append(Sample(name, {"target": target}, value))
+            yield family
+        info = GaugeMetricFamily(
+            "genauth_email_provider_info",
+            "Current email provider type and snapshot hash (first 12 hex) of the target.",
+            labels=["target", "type", "hash"],
+        )
+        for target, state in targets:
+            if state.hash12 is not None:
+                labels = {"target": target, "type": state.provider_type or "", "hash": state.hash12}
+                info.samples.append(Sample(info.name, labels, 1.0))
+        yield info
+        yield _counter(
+            "genauth_monitor_polls",
+            "Polls of the GenAuth API by outcome (success or the failure reason class).",
+            "outcome",
+            ((target, state.polls) for target, state in targets),
+        )
+        yield _counter(
+            "genauth_email_provider_changes",
+            "Drift events recorded, by kind (a series appears when its kind first happens).",
+            "kind",
+            ((target, state.changes) for target, state in targets),
+        )
+
+
+def _counter(
+    name: str, help_text: str, label: str, rows: Iterable[tuple[str, dict[str, int]]]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, help_text, labels=["target", label])
+    sample = f"{name}_total"
+    for target, counts in rows:
+        for key, value in list(counts.items()):
+            family.samples.append(Sample(sample, {"target": target, label: key}, float(value)))
+    return family
 
 
 class _OutboxPending:
@@ -167,3 +264,95 @@ class _OutboxPending:
             family.add_metric([sink], count)
         family.samples.append(Sample(family.name, {}, sum(counts.values())))
         yield family
+
+
+class _Forward:
+    """Shows the collectors of another registry in this one."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._registry.collect()
+
+
+def _number(value: float) -> str:
+    text: str = _go_float(value)  # type: ignore[no-untyped-call]  # the library spelling
+    return text
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+_FAMILIES: tuple[tuple[str, str, str], ...] = (
+    *((name, help_text, "gauge") for name, help_text, _ in _TARGET_GAUGES),
+    (
+        "genauth_email_provider_info",
+        "Current email provider type and snapshot hash (first 12 hex) of the target.",
+        "gauge",
+    ),
+    (
+        "genauth_monitor_polls",
+        "Polls of the GenAuth API by outcome (success or the failure reason class).",
+        "counter",
+    ),
+    (
+        "genauth_email_provider_changes",
+        "Drift events recorded, by kind (a series appears when its kind first happens).",
+        "counter",
+    ),
+)
+
+
+class _TargetText:
+    """The text of the per-target families, kept per target and redone when it changed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[int, list[str]]] = {}
+
+    def render(self, targets: list[tuple[str, _Target]]) -> bytes:
+        with self._lock:
+            parts: list[list[str]] = [[] for _ in _FAMILIES]
+            for target, state in targets:
+                cached = self._cache.get(target)
+                if cached is None or cached[0] != state.version:
+                    cached = (state.version, _lines(target, state))
+                    self._cache[target] = cached
+                for index, text in enumerate(cached[1]):
+                    if text:
+                        parts[index].append(text)
+            out = []
+            for (name, help_text, kind), lines in zip(_FAMILIES, parts, strict=True):
+                out.append(f"# HELP {name}{'_total' if kind == 'counter' else ''} {help_text}\n")
+                out.append(f"# TYPE {name}{'_total' if kind == 'counter' else ''} {kind}\n")
+                out.extend(lines)
+            return "".join(out).encode()
+
+
+def _lines(target: str, state: _Target) -> list[str]:
+    """One text chunk per family of _FAMILIES for this target ("" where it has no series)."""
+    label = f'target="{_label(target)}"'
+    chunks = []
+    for name, _, attribute in _TARGET_GAUGES:
+        value = getattr(state, attribute)
+        chunks.append("" if value is None else f"{name}{{{label}}} {_number(value)}\n")
+    if state.hash12 is None:
+        chunks.append("")
+    else:
+        chunks.append(
+            f'genauth_email_provider_info{{{label},type="{_label(state.provider_type or "")}",'
+            f'hash="{_label(state.hash12)}"}} 1.0\n'
+        )
+    for name, key, counts in (
+        ("genauth_monitor_polls_total", "outcome", state.polls),
+        ("genauth_email_provider_changes_total", "kind", state.changes),
+    ):
+        chunks.append(
+            "".join(
+                f'{name}{{{label},{key}="{_label(k)}"}} {_number(v)}\n'
+                for k, v in list(counts.items())
+            )
+        )
+    return chunks
