@@ -13,7 +13,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from monitor import __version__
@@ -26,7 +28,9 @@ from monitor.views import (
     ErrorOut,
     EventOut,
     EventPage,
+    KindName,
     ReadyOut,
+    SeverityName,
     SnapshotDocumentOut,
     SnapshotOut,
     SnapshotPage,
@@ -57,7 +61,17 @@ def _commands(request: Request) -> AuditCommands:
     return commands
 
 
-def _require_token(request: Request) -> None:
+# Declares the bearer scheme in /openapi.json; ``auto_error=False`` leaves every answer to
+# _require_token, which reads the header itself (so 401 and 503 keep their bodies).
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearer",
+    description="the API token ([server] api_token_env or api_token_file)",
+)
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _require_token(request: Request, _declared: Bearer) -> None:
     api_token: str | None = request.app.state.api_token
     if api_token is None:
         raise HTTPException(
@@ -125,8 +139,11 @@ def snapshot_at(commands: Commands, name: str, time: str) -> SnapshotDocumentOut
 def list_events(
     commands: Commands,
     target: str | None = None,
-    kind: str | None = None,
-    severity: str | None = None,
+    kind: Annotated[
+        list[KindName] | None,
+        Query(description="event kinds: repeat the parameter, or separate them by commas"),
+    ] = None,
+    severity: SeverityName | None = None,
     since: str | None = None,
     until: str | None = None,
     limit: Limit = 100,
@@ -226,4 +243,29 @@ def create_app(
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(v1)
+    _document_errors_as_sent(app)
     return app
+
+
+def _document_errors_as_sent(app: FastAPI) -> None:
+    """/openapi.json without FastAPI's 422 answers: a parameter it refuses is answered 400
+    with ErrorOut (``_invalid`` above), which each operation lists itself."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
+            components = schema.get("components", {}).get("schemas", {})
+            for unused in ("HTTPValidationError", "ValidationError"):
+                components.pop(unused, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Generic, TypeVar
 
 from monitor.core import Change, diff
-from monitor.core.kinds import EVENT_KINDS
+from monitor.core.kinds import EVENT_KINDS, SEVERITIES
 from monitor.errors import BadParameter, NotFound
 from monitor.storage.queries import (
     AmbiguousReference,
@@ -29,8 +29,6 @@ from monitor.storage.queries import (
 from monitor.timeutil import Clock, parse_time
 
 __all__ = ["SEVERITIES", "AuditCommands", "Diff", "Page"]
-
-SEVERITIES = ("info", "warning", "critical")
 
 Row = TypeVar("Row", EventView, SnapshotView)
 
