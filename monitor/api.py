@@ -1,4 +1,5 @@
-"""The HTTP surface of the daemon: /metrics, /healthz, /readyz and the read-only /api/v1.
+"""The HTTP surface of the daemon: /metrics, /healthz, /readyz, the read-only /api/v1 and the
+web view /ui (:mod:`monitor.web`).
 
 The /api/v1 handlers only translate HTTP to the command layer (:mod:`monitor.commands`) that
 the CLI renders too, and its answers to the models of :mod:`monitor.views`, so both always
@@ -7,7 +8,6 @@ answer the same; problems are the command layer's BadParameter (400) and NotFoun
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable, Collection, Mapping
 from typing import Annotated, Any
 
@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from monitor import __version__
 from monitor.commands import AuditCommands
+from monitor.config import DEFAULT_UI_SESSION
 from monitor.errors import BadParameter, NotFound, StorageError
 from monitor.storage import Queries
 from monitor.timeutil import Clock
@@ -37,6 +38,7 @@ from monitor.views import (
     TargetList,
     TargetOut,
 )
+from monitor.web import UiState, bearer_matches, ui_router
 
 __all__ = ["MAX_LIMIT", "create_app"]
 
@@ -79,11 +81,7 @@ def _require_token(request: Request, _declared: Bearer) -> None:
             "the API is disabled: set [server] api_token_env or api_token_file "
             "in the configuration",
         )
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), api_token.encode()
-    ):
+    if not bearer_matches(request.headers.get("authorization", ""), api_token):
         raise HTTPException(401, "unauthorized", headers={"WWW-Authenticate": "Bearer"})
 
 
@@ -206,16 +204,20 @@ def create_app(
     clock: Clock,
     metrics_token: bool = False,
     targets: Collection[str] = (),
+    ui_session: float = DEFAULT_UI_SESSION,
 ) -> FastAPI:
     """The ASGI application. ``ready`` says whether the database and scheduler are fine;
-    ``targets`` are the configured target names."""
+    ``targets`` are the configured target names; ``ui_session`` is how many seconds a login
+    to the web view lasts."""
     app = FastAPI(
         title="genauth-monitor",
         version=__version__,
         description="Read-only history of GenAuth email provider configuration.",
     )
-    app.state.commands = AuditCommands(queries, clock=clock, configured=targets)
+    commands = AuditCommands(queries, clock=clock, configured=targets)
+    app.state.commands = commands
     app.state.api_token = api_token
+    app.state.ui = UiState.build(commands, api_token=api_token, lifetime=ui_session, clock=clock)
     _install_error_handlers(app)
 
     @app.get("/healthz", response_class=PlainTextResponse, summary="process alive")
@@ -243,6 +245,7 @@ def create_app(
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(v1)
+    app.include_router(ui_router)
     _document_errors_as_sent(app)
     return app
 

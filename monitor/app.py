@@ -195,6 +195,7 @@ class Daemon:
             clock=clock,
             metrics_token=settings.server.metrics_require_token,
             targets=[target.name for target in settings.targets],
+            ui_session=settings.server.ui_session,
         )
         self.http = HttpServer(app, host=settings.server.host, port=settings.server.port)
 
