@@ -33,7 +33,7 @@ TOKEN = "Ui-Test-Token-77"
 SECRET = "Ui-Access-Secret-78"
 HOSTILE = "<script>alert(1)</script>"
 ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
-HOSTILE_TYPE = "<img src=x onerror=alert(2)>"
+HOSTILE_TYPE = "<img src=x onerror=alert(2)>\u202e"  # and a bidi override
 ROTATED = "Rotated-Smtp-Passw0rd-79"
 SECRETS = [
     TOKEN,
@@ -139,7 +139,7 @@ def test_every_page_shows_the_history_escaped_and_no_secret(web: Web) -> None:
     assert web.app.state.ui.check.wait(30)
 
     pages = {
-        "/ui/": ["prod", "Latest events", "&lt;img src=x onerror=alert(2)&gt;"],
+        "/ui/": ["prod", "Latest events", "&lt;img src=x onerror=alert(2)&gt;\\u202e"],
         "/ui/targets/prod": ["prod", ESCAPED],
         "/ui/targets/prod?kind=delivery_changed&since=&until=": ["prod"],
         f"/ui/snapshots/{hostile.hash}": [hostile.hash, ESCAPED, "hmac-sha256:", "rfc8785"],
