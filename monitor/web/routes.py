@@ -452,7 +452,7 @@ def at_page(request: Request, commands: Commands, name: str, time: str | None = 
         "at.html",
         status=status,
         name=name,
-        time=time or "",
+        time=_utc(time) if time else "",
         field=time if time and _LOCAL_TIME.fullmatch(time) else "",
         snapshot=found,
         missing=missing,
