@@ -18,13 +18,17 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/genauth-monitor
 WORKDIR /src
-# The wheel packages the Alembic migrations (monitor/_migrations), so only these are needed.
+# The wheel packages the Alembic migrations (monitor/_migrations) and the web view's templates
+# and stylesheet (monitor/web), so only these are needed; the check below fails the build if not.
 COPY pyproject.toml README.md ./
 COPY monitor ./monitor
 COPY migrations ./migrations
 # With the PostgreSQL driver, so one image serves both storage backends.
 RUN /opt/genauth-monitor/bin/pip install --no-cache-dir ".[postgres]" \
-    && /opt/genauth-monitor/bin/python -I -c "import monitor.storage.engine as e; e.migrations_dir()"
+    && /opt/genauth-monitor/bin/python -I -c "import monitor.storage.engine as e; e.migrations_dir()" \
+    && /opt/genauth-monitor/bin/python -I -c "from importlib.resources import files; \
+web = files('monitor.web'); assert web.joinpath('templates/base.html').is_file(); \
+assert web.joinpath('static/style.css').is_file()"
 
 FROM ${PYTHON_IMAGE}
 ARG UID=10001

@@ -1,4 +1,5 @@
-"""The HTTP surface of the daemon: /metrics, /healthz, /readyz and the read-only /api/v1.
+"""The HTTP surface of the daemon: /metrics, /healthz, /readyz, the read-only /api/v1 and the
+web view /ui (:mod:`monitor.web`).
 
 The /api/v1 handlers only translate HTTP to the command layer (:mod:`monitor.commands`) that
 the CLI renders too, and its answers to the models of :mod:`monitor.views`, so both always
@@ -8,7 +9,6 @@ answer the same; problems are the command layer's BadParameter (400) and NotFoun
 from __future__ import annotations
 
 import gzip
-import hmac
 import math
 import threading
 import time
@@ -17,11 +17,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from monitor import __version__
 from monitor.commands import AuditCommands
+from monitor.config import DEFAULT_UI_SESSION
 from monitor.errors import BadParameter, NotFound, StorageError
 from monitor.storage import Queries
 from monitor.timeutil import Clock
@@ -30,13 +33,16 @@ from monitor.views import (
     ErrorOut,
     EventOut,
     EventPage,
+    KindName,
     ReadyOut,
+    SeverityName,
     SnapshotDocumentOut,
     SnapshotOut,
     SnapshotPage,
     TargetList,
     TargetOut,
 )
+from monitor.web import UiState, bearer_matches, ui_router
 
 __all__ = ["MAX_LIMIT", "create_app"]
 
@@ -86,7 +92,17 @@ def _commands(request: Request) -> AuditCommands:
     return commands
 
 
-def _require_token(request: Request) -> None:
+# Declares the bearer scheme in /openapi.json; ``auto_error=False`` leaves every answer to
+# _require_token, which reads the header itself (so 401 and 503 keep their bodies).
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearer",
+    description="the API token ([server] api_token_env or api_token_file)",
+)
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _require_token(request: Request, _declared: Bearer) -> None:
     api_token: str | None = request.app.state.api_token
     if api_token is None:
         raise HTTPException(
@@ -94,11 +110,7 @@ def _require_token(request: Request) -> None:
             "the API is disabled: set [server] api_token_env or api_token_file "
             "in the configuration",
         )
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), api_token.encode()
-    ):
+    if not bearer_matches(request.headers.get("authorization", ""), api_token):
         raise HTTPException(401, "unauthorized", headers={"WWW-Authenticate": "Bearer"})
 
 
@@ -154,8 +166,11 @@ def snapshot_at(commands: Commands, name: str, time: str) -> SnapshotDocumentOut
 def list_events(
     commands: Commands,
     target: str | None = None,
-    kind: str | None = None,
-    severity: str | None = None,
+    kind: Annotated[
+        list[KindName] | None,
+        Query(description="event kinds: repeat the parameter, or separate them by commas"),
+    ] = None,
+    severity: SeverityName | None = None,
     since: str | None = None,
     until: str | None = None,
     limit: Limit = 100,
@@ -219,18 +234,22 @@ def create_app(
     metrics_token: bool = False,
     targets: Collection[str] = (),
     render: Callable[[], bytes] | None = None,
+    ui_session: float = DEFAULT_UI_SESSION,
 ) -> FastAPI:
     """The ASGI application. ``ready`` says whether the database and scheduler are fine;
     ``targets`` are the configured target names; ``render`` gives the /metrics text
-    (``generate_latest(registry)`` by default)."""
+    (``generate_latest(registry)`` by default); ``ui_session`` is how many seconds a login
+    to the web view lasts."""
     app = FastAPI(
         title="genauth-monitor",
         version=__version__,
         description="Read-only history of GenAuth email provider configuration.",
     )
-    app.state.commands = AuditCommands(queries, clock=clock, configured=targets)
+    commands = AuditCommands(queries, clock=clock, configured=targets)
+    app.state.commands = commands
     rendered = _Rendered(render or (lambda: generate_latest(registry)))
     app.state.api_token = api_token
+    app.state.ui = UiState.build(commands, api_token=api_token, lifetime=ui_session, clock=clock)
     _install_error_handlers(app)
 
     @app.get("/healthz", response_class=PlainTextResponse, summary="process alive")
@@ -261,4 +280,30 @@ def create_app(
         return Response(body, media_type=CONTENT_TYPE_LATEST, headers=headers)
 
     app.include_router(v1)
+    app.include_router(ui_router)
+    _document_errors_as_sent(app)
     return app
+
+
+def _document_errors_as_sent(app: FastAPI) -> None:
+    """/openapi.json without FastAPI's 422 answers: a parameter it refuses is answered 400
+    with ErrorOut (``_invalid`` above), which each operation lists itself."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
+            components = schema.get("components", {}).get("schemas", {})
+            for unused in ("HTTPValidationError", "ValidationError"):
+                components.pop(unused, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -196,6 +196,7 @@ class Daemon:
             metrics_token=settings.server.metrics_require_token,
             targets=[target.name for target in settings.targets],
             render=self.runtime.metrics.render,
+            ui_session=settings.server.ui_session,
         )
         self.http = HttpServer(app, host=settings.server.host, port=settings.server.port)
 

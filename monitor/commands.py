@@ -16,10 +16,12 @@ from datetime import datetime
 from typing import Generic, TypeVar
 
 from monitor.core import Change, diff
-from monitor.core.kinds import EVENT_KINDS
+from monitor.core.kinds import EVENT_KINDS, SEVERITIES
 from monitor.errors import BadParameter, NotFound
+from monitor.storage.chain import ChainReport, verify_chain
 from monitor.storage.queries import (
     AmbiguousReference,
+    ChainHead,
     EventView,
     Queries,
     SnapshotView,
@@ -29,8 +31,6 @@ from monitor.storage.queries import (
 from monitor.timeutil import Clock, parse_time
 
 __all__ = ["SEVERITIES", "AuditCommands", "Diff", "Page"]
-
-SEVERITIES = ("info", "warning", "critical")
 
 Row = TypeVar("Row", EventView, SnapshotView)
 
@@ -61,8 +61,10 @@ class AuditCommands:
 
     # -- the commands ------------------------------------------------------------------------
 
-    def targets(self) -> list[TargetView]:
-        return self.queries.targets()
+    def targets(self, name: str | None = None) -> list[TargetView]:
+        """Every target's state, or the one called ``name`` (NotFound if unknown; an empty
+        list for a configured target that was never polled)."""
+        return self.queries.targets(self.target(name))
 
     def events(
         self,
@@ -120,6 +122,10 @@ class AuditCommands:
             raise NotFound("snapshot", f"unknown snapshot {ref!r}")
         return found
 
+    def neighbours(self, snapshot: SnapshotView) -> tuple[SnapshotView | None, SnapshotView | None]:
+        """The target's versions one change before and one change after ``snapshot``."""
+        return self.queries.neighbours(snapshot)
+
     def at(self, target: str, time: str) -> SnapshotView:
         moment = self.time("time", time)
         assert moment is not None
@@ -133,6 +139,14 @@ class AuditCommands:
     def diff(self, old: str, new: str, *, names: tuple[str, str] = ("from", "to")) -> Diff:
         a, b = self.snapshot(old, name=names[0]), self.snapshot(new, name=names[1])
         return Diff(a, b, diff(a.document, b.document))
+
+    def chain_head(self) -> ChainHead:
+        return self.queries.chain_head()
+
+    def verify(self) -> ChainReport:
+        """Walk the whole audit chain (SPEC §9): one read transaction, as long as the history.
+        StorageError when the database cannot be read."""
+        return verify_chain(self.queries.engine)
 
     # -- parameters, one rule each -----------------------------------------------------------
 

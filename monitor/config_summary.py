@@ -52,10 +52,11 @@ def _server(settings: Settings) -> str:
     token = (
         f"API token {_origin(server, 'api_token')}"
         if server.api_token is not None
-        else "no API token (/api/v1 refuses every request)"
+        else "no API token (/api/v1 and /ui refuse every request)"
     )
     metrics = "/metrics requires the token" if server.metrics_require_token else "/metrics open"
-    return f"server: listening on {server.listen}, {token}, {metrics}"
+    session = f"/ui logins last {format_duration(server.ui_session)}"
+    return f"server: listening on {server.listen}, {token}, {metrics}, {session}"
 
 
 def _targets(settings: Settings) -> list[str]:

@@ -75,6 +75,7 @@ def run_demo(
             print(f"genauth-monitor demo: simulated GenAuth API at {simulator.base_url}")
             print(f"  metrics:  {base}/metrics")
             print(f"  API:      curl -H 'Authorization: Bearer {api_token}' {base}/api/v1/events")
+            print(f"  web view: {base}/ui/ (log in with the token {api_token})")
             print(f"  database: {Path(tmp) / 'demo.db'} (removed on exit)")
             print("  the upstream config changes every few seconds; Ctrl-C stops", flush=True)
             deadline = None if duration is None else time.monotonic() + duration

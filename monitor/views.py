@@ -9,11 +9,12 @@ no two surfaces can disagree on a field.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Self
+from typing import Annotated, Any, Final, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from monitor.core import Change
+from monitor.core.kinds import EVENT_KINDS, SEVERITIES
 from monitor.storage.queries import EventView, SnapshotView, TargetView
 from monitor.timeutil import format_time
 
@@ -23,7 +24,9 @@ __all__ = [
     "ErrorOut",
     "EventOut",
     "EventPage",
+    "KindName",
     "ReadyOut",
+    "SeverityName",
     "SnapshotDocumentOut",
     "SnapshotOut",
     "SnapshotPage",
@@ -31,6 +34,22 @@ __all__ = [
     "TargetOut",
     "to_json",
 ]
+
+
+STATUSES: Final = ("firing", "resolved")
+
+
+def _one_of(values: tuple[str, ...], description: str) -> WithJsonSchema:
+    """A string the schema says is one of ``values``; the command layer, not the model, checks
+    a parameter (so the 400 names it), and our own answers hold nothing else."""
+    return WithJsonSchema({"type": "string", "enum": list(values), "description": description})
+
+
+#: An event kind (SPEC §4), in /openapi.json as an enum of :data:`EVENT_KINDS`.
+KindName = Annotated[str, _one_of(EVENT_KINDS, "event kind (SPEC §4)")]
+#: ``info``, ``warning`` or ``critical``.
+SeverityName = Annotated[str, _one_of(SEVERITIES, "severity")]
+StatusName = Annotated[str, _one_of(STATUSES, "firing, or resolved (ends an alert)")]
 
 
 def to_json(model: BaseModel) -> dict[str, Any]:
@@ -60,9 +79,9 @@ class ChangeOut(_Out):
 class EventOut(_Out):
     id: str = Field(description="unique across databases and restores (a UUID); never reused")
     target: str
-    kind: str
-    severity: str
-    status: str
+    kind: KindName
+    severity: SeverityName
+    status: StatusName
     at: str = Field(description="RFC 3339, UTC")
     snapshot: str | None
     previous: str | None

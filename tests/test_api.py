@@ -211,6 +211,68 @@ def test_openapi_schema_lists_the_endpoints(api: Api) -> None:
         assert path in schema["paths"], path
 
 
+def test_openapi_schema_is_valid_declares_the_bearer_the_400_and_the_enums(api: Api) -> None:
+    from openapi_spec_validator import validate
+
+    from monitor.core.kinds import EVENT_KINDS, SEVERITIES
+
+    schema = api.get("/openapi.json", token=None).json()
+    validate(schema)
+    assert schema["components"]["securitySchemes"]["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": schema["components"]["securitySchemes"]["bearer"]["description"],
+    }
+    operations = [
+        (path, operation)
+        for path, methods in schema["paths"].items()
+        for operation in methods.values()
+    ]
+    assert not [path for path, _ in operations if path.startswith("/ui")], "the UI is not API"
+    for path, operation in operations:
+        responses = operation["responses"]
+        assert "422" not in responses, path
+        if path.startswith("/api/v1/"):
+            assert operation["security"] == [{"bearer": []}], path
+            assert {"401", "503"} <= responses.keys(), path
+            if operation.get("parameters"):
+                error = responses["400"]["content"]["application/json"]["schema"]
+                assert error == {"$ref": "#/components/schemas/ErrorOut"}, path
+        else:
+            assert "security" not in operation, path
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    event = schema["components"]["schemas"]["EventOut"]["properties"]
+    assert event["kind"]["enum"] == list(EVENT_KINDS)
+    assert event["severity"]["enum"] == list(SEVERITIES)
+    assert event["status"]["enum"] == ["firing", "resolved"]
+    parameters = {
+        p["name"]: p["schema"] for p in schema["paths"]["/api/v1/events"]["get"]["parameters"]
+    }
+    [kinds, _] = parameters["kind"]["anyOf"]
+    assert kinds["items"]["enum"] == list(EVENT_KINDS)
+    [severity, _] = parameters["severity"]["anyOf"]
+    assert severity["enum"] == list(SEVERITIES)
+    # The 400 the schema promises is the one sent, also for what FastAPI itself refuses.
+    answer = api.get("/api/v1/events", limit="many")
+    assert answer.status_code == 400 and set(answer.json()) == {"error"}, answer.text
+    assert "limit" in answer.json()["error"]
+
+
+def test_kinds_are_repeated_or_comma_separated(api: Api) -> None:
+    api.poll_with()
+    api.poll_with(smtpConfig__smtp_port=26)
+    both = ["first_seen", "delivery_changed"]
+    repeated = requests.get(
+        api.base + "/api/v1/events",
+        params=[("kind", k) for k in both],
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=5,
+    ).json()["events"]
+    commas = api.get("/api/v1/events", kind=",".join(both)).json()["events"]
+    assert sorted(e["kind"] for e in repeated) == sorted(both)
+    assert [e["id"] for e in commas] == [e["id"] for e in repeated]
+
+
 def test_an_ambiguous_hash_prefix_is_refused(api: Api) -> None:
     from sqlalchemy import insert
 

@@ -151,8 +151,8 @@ def test_summary_of_the_defaults_line_by_line() -> None:
         "max response 1MiB, log level info",
         "fingerprint key: not configured (a random key file is created on first start)",
         "storage: SQLite sqlite:////srv/gm/genauth-monitor.db",
-        "server: listening on 127.0.0.1:9464, no API token (/api/v1 refuses every request), "
-        "/metrics open",
+        "server: listening on 127.0.0.1:9464, no API token (/api/v1 and /ui refuse every "
+        "request), /metrics open, /ui logins last 8h",
         "target prod: https://api.genauth.ai, every 1m, timeout 10s, max response 1MiB, "
         "secret in the config file",
         "sinks: none (events are recorded but not sent)",
@@ -208,6 +208,9 @@ def _target() -> TargetSettings:
         ),
         ({"storage": {"url": "not a url"}}, {}, "storage.url: not a database URL"),
         ({"server": {"listen": "9464"}}, {}, "server.listen: must be host:port"),
+        ({"server": {"ui_session": "30s"}}, {}, "server.ui_session: must be between 1m and 7d"),
+        ({"server": {"ui_session": "8d"}}, {}, "server.ui_session: must be between 1m and 7d"),
+        ({"server": {"ui_session": "soon"}}, {}, "server.ui_session: invalid duration 'soon'"),
         ({"server": {"listen": "[::zz]:9464"}}, {}, "server.listen: invalid IPv6 address"),
         ({"server": {"listen": "localhost:99999"}}, {}, "server.listen: must be host:port"),
         (
@@ -796,6 +799,7 @@ def test_defaults() -> None:
     assert monitor.max_response_bytes == 1024 * 1024
     assert settings.targets[0].max_response_bytes is None
     assert settings.targets[0].effective_max_response_bytes(monitor) == 1024 * 1024
+    assert settings.server.ui_session == 8 * 3600.0
     assert settings.storage.url == "sqlite:////srv/gm/genauth-monitor.db"
     assert (settings.server.host, settings.server.port) == ("127.0.0.1", 9464)
     assert settings.server.api_token is None and not settings.server.metrics_require_token

@@ -48,7 +48,7 @@ from monitor.config.models import (
     StorageSettings,
     TargetSettings,
 )
-from monitor.config.quantities import format_size, parse_percent, parse_size
+from monitor.config.quantities import DEFAULT_UI_SESSION, format_size, parse_percent, parse_size
 from monitor.timeutil import format_duration, parse_duration
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "DEFAULT_CONFIG_FILE",
     "DEFAULT_DATABASE_URL",
     "DEFAULT_LISTEN",
+    "DEFAULT_UI_SESSION",
     "MonitorSettings",
     "ServerSettings",
     "Settings",

@@ -19,7 +19,9 @@ from monitor.config.quantities import (
     MAX_DURATION,
     MAX_INTERVAL,
     MAX_TIMEOUT,
+    MAX_UI_SESSION,
     MIN_INTERVAL,
+    MIN_UI_SESSION,
     duration_within,
     parse_percent,
     response_size,
@@ -49,6 +51,7 @@ __all__ = [
     "Secret",
     "Text",
     "Timeout",
+    "UiSession",
     "split_listen",
     "sqlite_file",
 ]
@@ -205,6 +208,7 @@ def _expectations(value: dict[str, Any]) -> dict[str, Any]:
 Interval = Annotated[float, duration_within(MIN_INTERVAL, MAX_INTERVAL)]
 Timeout = Annotated[float, duration_within(0, MAX_TIMEOUT, above=True)]
 Duration = Annotated[float, duration_within(0, MAX_DURATION, above=True)]
+UiSession = Annotated[float, duration_within(MIN_UI_SESSION, MAX_UI_SESSION)]
 ResponseSize = Annotated[int, BeforeValidator(response_size)]
 Percent = Annotated[float, BeforeValidator(parse_percent)]
 ConfigPath = Annotated[Path, AfterValidator(_config_path)]

@@ -43,10 +43,11 @@ from monitor.config.fields import (
     Secret,
     Text,
     Timeout,
+    UiSession,
     split_listen,
     sqlite_file,
 )
-from monitor.config.quantities import DEFAULT_MAX_RESPONSE_BYTES
+from monitor.config.quantities import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_UI_SESSION
 from monitor.config.sources import Found, Source
 from monitor.core.rules import Severity
 
@@ -145,7 +146,8 @@ class StorageSettings(_Model):
 
 
 class ServerSettings(_Model):
-    """``[server]``: the HTTP listener and the bearer token of ``/api/v1``."""
+    """``[server]``: the HTTP listener, the bearer token of ``/api/v1`` and ``/ui``, and the
+    lifetime of a ``/ui`` login."""
 
     _sources = (Source("api_token", inline=False),)
 
@@ -154,6 +156,7 @@ class ServerSettings(_Model):
     api_token_file: ConfigPath | None = None
     api_token: Secret | None = None
     metrics_require_token: StrictBool = False
+    ui_session: UiSession = DEFAULT_UI_SESSION
 
     @classmethod
     def _prepare(cls, data: dict[str, Any], ctx: Context, found: Found) -> None:

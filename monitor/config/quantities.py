@@ -19,12 +19,15 @@ from monitor.timeutil import format_duration, parse_duration
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
+    "DEFAULT_UI_SESSION",
     "MAX_DURATION",
     "MAX_INTERVAL",
     "MAX_RESPONSE_BYTES",
     "MAX_TIMEOUT",
+    "MAX_UI_SESSION",
     "MIN_INTERVAL",
     "MIN_RESPONSE_BYTES",
+    "MIN_UI_SESSION",
     "duration_within",
     "format_size",
     "parse_percent",
@@ -38,6 +41,9 @@ MIN_INTERVAL: Final = 1.0
 MAX_INTERVAL: Final = 7 * DAY
 MAX_TIMEOUT: Final = 5 * MINUTE
 MAX_DURATION: Final = 7 * DAY  # backoff_max, repeat_interval, max_backoff
+MIN_UI_SESSION: Final = MINUTE  # [server] ui_session, the lifetime of a /ui login
+MAX_UI_SESSION: Final = 7 * DAY
+DEFAULT_UI_SESSION: Final = 8 * 3600.0
 
 _PERCENT: Final = re.compile(r"(\d+(?:\.\d+)?)\s*%")
 

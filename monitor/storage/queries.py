@@ -15,11 +15,12 @@ from sqlalchemy.engine import Connection, RowMapping
 
 from monitor.errors import MonitorError
 from monitor.storage.engine import connect
-from monitor.storage.schema import events, poll_state, snapshots, targets
+from monitor.storage.schema import chain_head, events, poll_state, snapshots, targets
 from monitor.timeutil import format_time, parse_time_strict
 
 __all__ = [
     "AmbiguousReference",
+    "ChainHead",
     "EventView",
     "Queries",
     "SnapshotView",
@@ -81,6 +82,14 @@ class TargetView:
     last_success_at: datetime | None
     last_change_at: datetime | None
     last_error: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class ChainHead:
+    """The end of the audit chain: the last ``chain_seq`` and its ``chain_hash``."""
+
+    seq: int
+    hash: str
 
 
 def encode_cursor(at: datetime, row_id: int) -> str:
@@ -173,6 +182,34 @@ class Queries:
             row = connection.execute(query).first()
             return _snapshot_view(row._mapping) if row is not None else None
 
+    def neighbours(self, snapshot: SnapshotView) -> tuple[SnapshotView | None, SnapshotView | None]:
+        """The snapshots of the same target just before and just after ``snapshot`` (by first
+        seen, then id): the versions one change back and one change on."""
+        target = targets.c.name == snapshot.target
+        at, row_id = snapshot.first_seen_at, snapshot.id
+        older = (
+            _snapshot_select()
+            .where(target, _after(snapshot.cursor(), snapshots.c.first_seen_at, snapshots.c.id))
+            .order_by(snapshots.c.first_seen_at.desc(), snapshots.c.id.desc())
+            .limit(1)
+        )
+        newer = (
+            _snapshot_select()
+            .where(
+                target,
+                or_(
+                    snapshots.c.first_seen_at > at,
+                    and_(snapshots.c.first_seen_at == at, snapshots.c.id > row_id),
+                ),
+            )
+            .order_by(snapshots.c.first_seen_at, snapshots.c.id)
+            .limit(1)
+        )
+        with self._connect() as connection:
+            found = [connection.execute(query).first() for query in (older, newer)]
+        before, after = (_snapshot_view(row._mapping) if row else None for row in found)
+        return before, after
+
     def _require_unique(self, condition: Any, ref: str) -> None:
         with self._connect() as connection:
             found = connection.execute(
@@ -221,6 +258,13 @@ class Queries:
         query = query.order_by(events.c.at.desc(), events.c.id.desc()).limit(limit)
         with self._connect() as connection:
             return [event_view(row._mapping) for row in connection.execute(query)]
+
+    def chain_head(self) -> ChainHead:
+        """The chain head as the table holds it (what the logs' ``audit chain head`` lines
+        are compared with); not a verdict: ``verify_chain`` checks the rows up to it."""
+        with self._connect() as connection:
+            row = connection.execute(select(chain_head.c.seq, chain_head.c.hash)).one()
+            return ChainHead(row.seq, row.hash)
 
     def _connect(self) -> AbstractContextManager[Connection]:
         return connect(self.engine)
