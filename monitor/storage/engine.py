@@ -39,6 +39,7 @@ __all__ = [
 # bypassing the busy timeout, when two writers race.
 WRITE = "genauth_monitor_write"
 _BUSY_TIMEOUT_MS = 30_000
+STATEMENT_TIMEOUT_MS = 30_000
 
 
 def create_store_engine(url: str, **kwargs: Any) -> Engine:
@@ -56,7 +57,11 @@ def create_store_engine(url: str, **kwargs: Any) -> Engine:
     # replaces connections after a disconnect error).
     # A lock held elsewhere (a migration, VACUUM FULL) must not freeze polling: after
     # lock_timeout the write fails, is kept in memory and retried like any outage.
-    connect_args = {"connect_timeout": 10, "options": "-c lock_timeout=10000"}
+    # statement_timeout bounds a query the server is slow to answer (a migration lifts it).
+    connect_args = {
+        "connect_timeout": 10,
+        "options": f"-c lock_timeout=10000 -c statement_timeout={STATEMENT_TIMEOUT_MS}",
+    }
     return create_engine(url, connect_args=connect_args, **kwargs)
 
 
@@ -127,6 +132,9 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
                 _driver_pragma(connection, "foreign_keys = OFF")
             try:
                 with connection.begin():
+                    if not sqlite:
+                        # A migration of a large history may take longer than any query.
+                        connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
                     before = _broken_references(connection) if sqlite else set()
                     from alembic import command
 
