@@ -10,7 +10,11 @@
     ├── UpstreamError      a failed poll of the GenAuth API, classified by ``reason``
     ├── StorageError       the database is unreachable or refused a write
     │   └── StaleStateError  the target's state changed under this writer: read it again
-    └── DeliveryError      an alert sink did not accept a delivery (it will be retried)
+    ├── DeliveryError      an alert sink did not accept a delivery (it will be retried)
+    ├── HttpFailure        (monitor.httpio) a request past its deadline or size cap; the
+    │                      client and the sinks turn it into UpstreamError / DeliveryError
+    └── UnusableDocument   (monitor.core.canonical) JSON without a canonical form: the poll
+                           path records it as an ``invalid_response`` failure
 
 Foreign exceptions (requests, SQLAlchemy, pydantic) are translated at the module that talks to
 the foreign library, never leaked upward. No message in this tree ever carries a secret value.

@@ -37,6 +37,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from monitor.errors import MonitorError
+
 __all__ = [
     "ACCEPT_ENCODING",
     "Answer",
@@ -54,7 +56,7 @@ _CHUNK: Final = 64 * 1024
 FailureKind = Literal["timeout", "network", "tls", "too_large", "undecodable"]
 
 
-class HttpFailure(Exception):
+class HttpFailure(MonitorError):
     """A request that did not give a complete, bounded answer."""
 
     def __init__(self, kind: FailureKind, detail: str) -> None:

@@ -12,12 +12,14 @@ from typing import Any
 
 import rfc8785
 
+from monitor.errors import MonitorError
+
 __all__ = ["HASH_PREFIX", "UnusableDocument", "canonical_json", "snapshot_hash"]
 
 HASH_PREFIX = "sha256:"
 
 
-class UnusableDocument(ValueError):
+class UnusableDocument(MonitorError, ValueError):
     """A document that parsed as JSON but has no canonical form (a lone surrogate, nesting
     too deep to walk): an unusable upstream answer, not a bug of ours."""
 
