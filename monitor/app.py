@@ -25,6 +25,7 @@ from monitor.http_server import HttpServer
 from monitor.httpio import abort, bounded_session
 from monitor.keyfile import fingerprint_key
 from monitor.metrics import Metrics
+from monitor.ratelimit import RateLimit
 from monitor.recorder import Recorder
 from monitor.scheduler import PollScheduler, ScheduledTarget
 from monitor.service import TargetPoller
@@ -118,11 +119,18 @@ def build_runtime(
     key = fingerprint_key(settings)
     shared_session = session or bounded_session(pool_size=POLL_WORKERS)
     runtime.sessions = (shared_session, sink_session)
+    limits: dict[str, RateLimit] = {}  # one per base_url: the cap is per host, not per target
+    rate = settings.monitor.max_requests_per_second
     for target in settings.targets:
         timeout = target.effective_timeout(settings.monitor)
         poller = TargetPoller(
             name=target.name,
-            fetcher=_client(settings, target, shared_session),
+            fetcher=_client(
+                settings,
+                target,
+                shared_session,
+                limits.setdefault(target.base_url, RateLimit(rate)) if rate else None,
+            ),
             store=runtime.store,
             metrics=runtime.metrics,
             fingerprint_key=key,
@@ -142,7 +150,12 @@ def build_runtime(
     return runtime
 
 
-def _client(settings: Settings, target: TargetSettings, session: requests.Session) -> GenAuthClient:
+def _client(
+    settings: Settings,
+    target: TargetSettings,
+    session: requests.Session,
+    rate_limit: RateLimit | None,
+) -> GenAuthClient:
     return GenAuthClient(
         base_url=target.base_url,
         access_key_id=target.access_key_id,
@@ -150,6 +163,7 @@ def _client(settings: Settings, target: TargetSettings, session: requests.Sessio
         userpool_id=target.userpool_id,
         timeout=target.effective_timeout(settings.monitor),
         max_response_bytes=target.effective_max_response_bytes(settings.monitor),
+        rate_limit=rate_limit,
         session=session,
         ca_bundle=str(target.ca_bundle) if target.ca_bundle else None,
     )

@@ -53,6 +53,7 @@ from monitor.httpio import (
     bounded_request,
     bounded_session,
 )
+from monitor.ratelimit import RateLimit
 
 __all__ = ["DEFAULT_MAX_RESPONSE_BYTES", "PROVIDER_PATH", "TOKEN_PATH", "GenAuthClient"]
 
@@ -109,6 +110,7 @@ class GenAuthClient:
         userpool_id: str | None = None,
         timeout: float = 10.0,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        rate_limit: RateLimit | None = None,
         session: requests.Session | None = None,
         clock: Callable[[], float] = time.monotonic,
         ca_bundle: str | None = None,
@@ -124,6 +126,7 @@ class GenAuthClient:
         self.userpool_id = userpool_id
         self.timeout = timeout
         self.max_response_bytes = max_response_bytes
+        self._rate_limit = rate_limit
         self._secret = access_key_secret
         self._token_url = base + TOKEN_PATH
         self._provider_url = base + PROVIDER_PATH
@@ -337,6 +340,12 @@ class GenAuthClient:
     # -- shared ---------------------------------------------------------------------------
 
     def _send(self, request: requests.PreparedRequest, endpoint: str, deadline: float) -> Answer:
+        if self._rate_limit is not None and not self._rate_limit.acquire(deadline):
+            raise UpstreamError(
+                "timeout",
+                f"{endpoint}: max_requests_per_second ({self._rate_limit.rate:g}) left no room "
+                "for this request before its deadline",
+            )
         try:
             return bounded_request(
                 self._session,

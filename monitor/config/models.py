@@ -111,6 +111,12 @@ class MonitorSettings(_Model):
     failure_threshold: Annotated[StrictInt, Field(ge=1)] = 3
     backoff_max: Duration = 900.0
     max_response_bytes: ResponseSize = DEFAULT_MAX_RESPONSE_BYTES
+    # Requests per second to one base_url from this process (all its targets); unset: no cap.
+    max_requests_per_second: Annotated[float, Field(gt=0, le=100_000)] | None = None
+    # Change attribution (SPEC §11): how long a non-critical alert may wait for its actors, and
+    # how far the audit-log window is widened for clock skew.
+    attribution_wait: Duration = 60.0
+    attribution_margin: Duration = 120.0
     fingerprint_key_env: EnvName | None = None
     fingerprint_key_file: ConfigPath | None = None
     fingerprint_key: SecretBytes | None = None
@@ -196,6 +202,8 @@ class TargetSettings(_Model):
     ca_bundle: ExistingFile | None = None
     expect: Expectations = Field(default_factory=dict)
     ignore: tuple[DottedPath, ...] = ()
+    attribution: StrictBool = True  # SPEC §11: ask the admin audit log who made a change
+    attribution_resource_types: tuple[Text, ...] = ()  # empty: every resource type
 
     def effective_interval(self, monitor: MonitorSettings) -> float:
         return self.interval if self.interval is not None else monitor.interval
@@ -249,6 +257,12 @@ class SinkSettings(_Model):
         return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/..."
 
 
+class ClusterSettings(_Model):
+    """``[cluster]`` (SPEC §10): replicas sharing one PostgreSQL database."""
+
+    replica_name: Name | None = None  # default: host name plus a random suffix
+
+
 class Settings(_Model):
     """The whole configuration file."""
 
@@ -257,6 +271,7 @@ class Settings(_Model):
     server: ServerSettings = Field(default_factory=ServerSettings)
     targets: tuple[TargetSettings, ...] = Field(default=(), validate_default=True)
     sinks: tuple[SinkSettings, ...] = ()
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     source: Path | None = None
 
     @classmethod
