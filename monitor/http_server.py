@@ -19,7 +19,10 @@ def bind(host: str, port: int) -> socket.socket:
     resolvable is a ConfigError naming ``server.listen`` (exit code 2), never a traceback."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     shown = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio turns Nagle off only on sockets that say they are TCP
+    # (accepted ones inherit it), and with Nagle on every keep-alive answer after the first
+    # waits about 40 ms for the client's delayed ACK of its headers.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))

@@ -343,3 +343,42 @@ def test_metrics_require_the_token_when_configured(tmp_path: Path) -> None:
             assert get("/healthz", None).status_code == 200
         finally:
             daemon.stop()
+
+
+def test_keep_alive_requests_are_not_held_back_by_nagle() -> None:
+    """Every answer after the first on a kept-alive connection used to wait ~40 ms (Nagle
+    against the client's delayed ACK); they must come at once."""
+    import socket
+    import statistics
+    import time
+
+    from prometheus_client import CollectorRegistry
+    from sqlalchemy import create_engine
+
+    from monitor.api import create_app
+    from monitor.http_server import HttpServer
+    from monitor.storage import Queries
+    from monitor.timeutil import utc_now
+
+    app = create_app(
+        registry=CollectorRegistry(),
+        queries=Queries(create_engine("sqlite://")),
+        ready=lambda: (True, {}),
+        api_token=None,
+        clock=utc_now,
+    )
+    server = HttpServer(app, host="127.0.0.1", port=0)
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as conn:
+            took = []
+            for _ in range(15):
+                started = time.perf_counter()
+                conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+                answer = b""
+                while not answer.endswith(b"ok\n"):
+                    answer += conn.recv(4096)
+                took.append(time.perf_counter() - started)
+        assert statistics.median(took[1:]) < 0.02, took
+    finally:
+        server.stop()
