@@ -32,8 +32,9 @@ endpoints the monitor uses, so the client is exercised over real sockets:
 
     Pool header missing or not this pool: ``403`` with ``statusCode`` 403, apiCode 2003.
 
-Any other path or method answers 404 with an envelope (``statusCode`` 404, apiCode 1000). JSON is
-ASCII with ``\\u`` escapes, so any string can be served, lone surrogates included.
+Any other path or method answers 404 with an envelope (``statusCode`` 404, apiCode 1000), except
+``HEAD`` of get-email-provider, answered like its ``GET`` without the body (as Starlette routes
+do). JSON is ASCII with ``\\u`` escapes, so any string can be served, lone surrogates included.
 
 Faults (:mod:`.faults` lists the kinds and their exact answers) are set per endpoint with
 :meth:`SimulatedGenAuth.inject_fault`, or :meth:`~SimulatedGenAuth.set_fault` (provider) and
