@@ -221,8 +221,9 @@ def _drip(fault: Fault, pause: Pause) -> Response:
     return StreamingResponse(_dripping(body, fault.delay, pause), headers=headers)
 
 
-def _whole(body: bytes, **headers: str) -> Response:
-    return Response(body, headers={"content-type": "application/json", **headers})
+def _whole(body: bytes, extra: Mapping[str, str] | None = None) -> Response:
+    """A hostile body sent whole with its Content-Length (and ``extra`` headers)."""
+    return Response(body, headers={"content-type": "application/json", **(extra or {})})
 
 
 def _with_data(data: dict[str, Any], **changes: Any) -> bytes:
@@ -296,7 +297,7 @@ _KINDS: Final[dict[str, _Kind]] = {
     "close": _Kind(early=lambda fault, pause: RawAnswer(b"")),
     "huge_body": _Kind(early=_huge_body, stream=True),
     "gzip_bomb": _Kind(
-        early=lambda fault, pause: _whole(_gzip_bomb(fault.size), **{"content-encoding": "gzip"}),
+        early=lambda fault, pause: _whole(_gzip_bomb(fault.size), {"content-encoding": "gzip"}),
         stream=True,
     ),
     "endless": _Kind(
