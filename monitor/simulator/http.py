@@ -156,8 +156,11 @@ class _Server(uvicorn.Server):
             server.close()
         for connection in self._connections():
             connection.transport.abort()
-        # After the aborts, so an answer that ends its pause finds its connection gone and
-        # uvicorn sends nothing more on it.
+        # One turn of the loop runs the connection_lost callbacks the aborts queued, so every
+        # answer in progress is marked disconnected before it can see the stop: a stream that
+        # ends early then sends nothing more (else uvicorn would try to end its body, short of
+        # its Content-Length, and log an error).
+        await asyncio.sleep(0)
         self._stopping.set()
         tasks = list(self.server_state.tasks)
         if tasks:
