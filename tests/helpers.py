@@ -1,15 +1,22 @@
-"""Test helpers: the real CLI in a subprocess, config files, free ports, polling waits."""
+"""Test helpers: the real CLI in a subprocess or in-process, config files, free ports, polling
+waits."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import requests
 
@@ -37,11 +44,97 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> Any:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``python -m monitor ARGS`` in a subprocess, ``env`` added to this environment."""
     merged = {**os.environ, **(env or {})}
     return subprocess.run(
         [*CLI, *args], capture_output=True, text=True, env=merged, timeout=timeout, check=False
     )
+
+
+@dataclass(frozen=True)
+class CliResult:
+    """What ``run_cli`` returns, for its in-process twin ``run_main``."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_main(*args: str, env: dict[str, str] | None = None) -> CliResult:
+    """``monitor.cli.main(ARGS)`` in this process, the same shape as ``run_cli``.
+
+    ``env`` is added to ``os.environ`` for the call only; stdout and stderr (where the CLI's
+    logging handler goes) are captured; an ``argparse`` exit (``--version``, a bad option) is
+    its exit code; the root logger and the logger levels the CLI sets are put back. A ``run``
+    that gets past its start-up checks would block the test: it fails instead (blocking
+    commands stay subprocesses). The alert delivery threads of ``check`` are waited for, as the
+    end of its process would end them."""
+    from monitor import cli as cli_module
+
+    def started(_run: object) -> None:
+        raise AssertionError("in-process run_main(): run/demo would block; use run_cli")
+
+    before = set(threading.enumerate())
+    out, err = io.StringIO(), io.StringIO()
+    with (
+        _logging_restored(),
+        mock.patch.dict(os.environ, env or {}),
+        _patched(cli_module, "_run_until_signal", started),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        try:
+            code = cli_module.main(list(args))
+        except SystemExit as exc:
+            code = _exit_code(exc, err)
+    _join_deliveries(before)
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def _patched(owner: object, name: str, value: object) -> contextlib.AbstractContextManager[Any]:
+    if hasattr(owner, name):
+        return mock.patch.object(owner, name, value)
+    return contextlib.nullcontext()
+
+
+def _exit_code(exc: SystemExit, stderr: io.StringIO) -> int:
+    """The status the interpreter would exit with for ``sys.exit(exc.code)``."""
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code
+    print(exc.code, file=stderr)
+    return 1
+
+
+@contextlib.contextmanager
+def _logging_restored() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    levels = {
+        name: logger.level
+        for name, logger in logging.Logger.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger)
+    }
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name, logger in logging.Logger.manager.loggerDict.items():
+            if isinstance(logger, logging.Logger):
+                logger.setLevel(levels.get(name, logging.NOTSET))
+
+
+def _join_deliveries(before: set[threading.Thread], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    for thread in set(threading.enumerate()) - before:
+        if thread.name.startswith("deliver:"):
+            thread.join(max(0.0, deadline - time.monotonic()))
+            assert not thread.is_alive(), f"in-process run_main() left thread {thread.name} running"
 
 
 def write_config(
