@@ -17,7 +17,7 @@ import pytest
 from monitor.alerts.slack import slack_message
 from monitor.app import Runtime, build_runtime
 from monitor.simulator import SimulatedGenAuth
-from tests.helpers import CLI, EVENT_FIELDS, run_cli, runtime_settings, wait_for, write_config
+from tests.helpers import CLI, EVENT_FIELDS, run_main, runtime_settings, wait_for, write_config
 from tests.receiver import Receiver
 
 SECRET = "Alert-Access-Secret-123"
@@ -199,7 +199,7 @@ def test_pending_delivery_survives_sigkill(tmp_path: Path, receiver: Receiver) -
         try:
 
             def pending() -> list[Any]:
-                out = run_cli("alerts", "pending", "-c", str(config), "--json", env=env)
+                out = run_main("alerts", "pending", "-c", str(config), "--json", env=env)
                 return json.loads(out.stdout) if out.returncode == 0 else []
 
             rows = wait_for(
@@ -230,14 +230,14 @@ def test_check_delivers_or_says_what_is_left(tmp_path: Path, receiver: Receiver)
         )
         env = {"GM_TEST_SECRET": SECRET, "GM_TEST_API_TOKEN": "t"}
         receiver.status = 503
-        left = run_cli("check", "-c", str(config), "--delivery-timeout", "1", env=env)
+        left = run_main("check", "-c", str(config), "--delivery-timeout", "1", env=env)
         assert left.returncode == 0
         assert "1 alert deliveries still pending" in left.stderr
         receiver.status = 200
         data = sim.data
         data["enabled"] = False
         sim.set_data(data)
-        sent = run_cli("check", "-c", str(config), "--json", env=env)
+        sent = run_main("check", "-c", str(config), "--json", env=env)
         assert sent.returncode == 1
         assert json.loads(sent.stdout)["alerts_pending"] == 0
         assert [b["kind"] for b in receiver.bodies()] == ["first_seen", "provider_disabled"]
@@ -346,7 +346,7 @@ def test_check_gives_up_on_a_dead_sink_with_a_queue_behind_it(
             data["enabled"] = enabled
             sim.set_data(data)
             started = time.monotonic()
-            result = run_cli("check", "-c", str(config), "--delivery-timeout", "1", env=env)
+            result = run_main("check", "-c", str(config), "--delivery-timeout", "1", env=env)
             assert time.monotonic() - started < 20
             assert "still pending" in result.stderr
 

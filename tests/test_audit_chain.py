@@ -129,7 +129,7 @@ def test_racing_writers_keep_one_chain(db_url: str) -> None:
 def test_verify_command_exit_codes(tmp_path: object) -> None:
     from pathlib import Path
 
-    from tests.helpers import run_cli
+    from tests.helpers import run_main
 
     base = Path(str(tmp_path))
     db = base / "audit.db"
@@ -141,14 +141,14 @@ def test_verify_command_exit_codes(tmp_path: object) -> None:
         f'[storage]\nurl = "sqlite:///{db}"\n[[targets]]\nname = "prod"\n'
         'access_key_id = "x"\naccess_key_secret = "y"\n'
     )
-    ok = run_cli("verify", "-c", str(config))
+    ok = run_main("verify", "-c", str(config))
     assert ok.returncode == 0 and "3 rows checked" in ok.stdout, ok.stdout + ok.stderr
     second = _ids(engine)[1]
     _sql(engine, f"UPDATE events SET kind = 'first_seen' WHERE id = {second}")
-    bad = run_cli("verify", "-c", str(config))
+    bad = run_main("verify", "-c", str(config))
     assert bad.returncode == 1 and f"events id={second} " in bad.stdout
     _sql(engine, "DROP TABLE chain_head")
-    unreadable = run_cli("verify", "-c", str(config))
+    unreadable = run_main("verify", "-c", str(config))
     assert unreadable.returncode == 3, unreadable.stdout + unreadable.stderr
     assert "cannot verify" in unreadable.stderr and "Traceback" not in unreadable.stderr
     engine.dispose()
@@ -159,7 +159,7 @@ def test_verify_still_runs_on_a_database_whose_rows_were_deleted(tmp_path: objec
     from pathlib import Path
 
     from monitor.core.alerting import SinkRoute
-    from tests.helpers import run_cli
+    from tests.helpers import run_main
 
     base = Path(str(tmp_path))
     db = base / "cut.db"
@@ -178,7 +178,7 @@ def test_verify_still_runs_on_a_database_whose_rows_were_deleted(tmp_path: objec
         f'[storage]\nurl = "sqlite:///{db}"\n[[targets]]\nname = "prod"\n'
         'access_key_id = "x"\naccess_key_secret = "y"\n'
     )
-    cut = run_cli("verify", "-c", str(config))
+    cut = run_main("verify", "-c", str(config))
     assert cut.returncode == 1, cut.stdout + cut.stderr
     assert "at the end were deleted" in cut.stdout
     engine.dispose()

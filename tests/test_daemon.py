@@ -12,7 +12,7 @@ from pathlib import Path
 import requests
 
 from monitor.simulator import SimulatedGenAuth
-from tests.helpers import CLI, free_port, metric_value, run_cli, wait_for, write_config
+from tests.helpers import CLI, free_port, metric_value, run_main, wait_for, write_config
 
 SECRET = "Daemon-Access-Secret-777"
 SMTP_PASS = "Daemon-Smtp-Password-888"
@@ -112,7 +112,7 @@ def test_daemon_follows_upstream_and_stops_on_sigterm(tmp_path: Path) -> None:
             ["check", "--json"],
             ["config", "check"],
         ):
-            result = run_cli(*args, "-c", str(config), env=env)
+            result = run_main(*args, "-c", str(config), env=env)
             outputs += [result.stdout, result.stderr]
         blobs = (
             "\n".join(outputs).encode()

@@ -329,7 +329,9 @@ class _HostileUpstream:
         self._server.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self.access_key_id = "pool-1"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        threading.Thread(  # shutdown() waits up to one poll interval
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
 
     def stop(self) -> None:
         self._server.shutdown()
