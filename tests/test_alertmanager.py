@@ -75,6 +75,7 @@ def _alerts(url: str, name: str = "GenAuthEmailProviderDisabled") -> list[dict[s
     return [a for a in answer.json() if a["labels"].get("alertname") == name]
 
 
+@pytest.mark.slow
 def test_disabled_provider_fires_and_resolves(
     db_url: str, tmp_path: Path, alertmanager: Alertmanager
 ) -> None:

@@ -183,6 +183,7 @@ def test_slack_message_is_readable() -> None:
     assert '`smtpConfig.smtp_host`: `"a.example"` → `"b.example"`' in text
 
 
+@pytest.mark.slow
 def test_pending_delivery_survives_sigkill(tmp_path: Path, receiver: Receiver) -> None:
     with SimulatedGenAuth(access_key_id="kill-pool", access_key_secret=SECRET) as sim:
         config = write_config(

@@ -23,6 +23,8 @@ from tests.receiver import Receiver
 
 SECRET = "Frozen-Db-Access-Secret-271"
 
+pytestmark = pytest.mark.slow  # the real daemon and a PostgreSQL server of its own
+
 
 def test_polling_outlives_a_frozen_database(tmp_path: Path) -> None:
     receiver = Receiver()

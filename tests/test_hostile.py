@@ -103,6 +103,7 @@ def _failures(daemon: _Daemon, target: str, reason: str) -> float:
     return daemon.value("genauth_monitor_polls_total", target=target, outcome=reason) or 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("fault", "options", "reason", "targets"),
     [
@@ -163,6 +164,7 @@ def test_a_hostile_upstream_turns_up_to_0_in_time_and_stays_small(
         daemon.kill()
 
 
+@pytest.mark.slow
 def test_sigterm_mid_read_stops_within_5_seconds(
     tmp_path: Path, hostile_sim: SimulatedGenAuth
 ) -> None:
@@ -181,6 +183,7 @@ def test_sigterm_mid_read_stops_within_5_seconds(
         daemon.kill()
 
 
+@pytest.mark.slow
 def test_a_crawling_sink_holds_back_no_other_sink(
     tmp_path: Path, hostile_sim: SimulatedGenAuth
 ) -> None:

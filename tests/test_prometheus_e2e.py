@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 import yaml
 
@@ -22,6 +23,8 @@ from tests.helpers import CLI, free_port, wait_for, write_config
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
 SECRET = "E2e-Prometheus-Access-Secret-4711"
+
+pytestmark = pytest.mark.slow  # the real daemon and a real Prometheus, as processes
 ALERT_TIMEOUT = 60.0
 
 

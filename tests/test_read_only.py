@@ -431,6 +431,7 @@ def _assert_correct_answers(recorded: Recorded, results: list[dict[str, Any]]) -
     assert deliveries and {d["sink"] for d in deliveries} == {"webhook"}
 
 
+@pytest.mark.slow
 def test_audit_commands_work_on_read_only_media(recorded: Recorded, shared: Path) -> None:
     """A WAL-mode file alone in a read-only directory (a backup on read-only media): SQLite's
     mode=ro cannot open it (it would have to create the -wal and -shm files)."""
@@ -447,6 +448,7 @@ def test_audit_commands_work_on_read_only_media(recorded: Recorded, shared: Path
     assert _state(media) == before
 
 
+@pytest.mark.slow
 def test_audit_commands_read_the_wal_of_a_live_database_on_read_only_media(
     recorded: Recorded, shared: Path
 ) -> None:
@@ -461,6 +463,7 @@ def test_audit_commands_read_the_wal_of_a_live_database_on_read_only_media(
     assert _state(media) == before
 
 
+@pytest.mark.slow
 def test_a_wal_without_its_shm_on_read_only_media_is_refused_not_hidden(
     recorded: Recorded, shared: Path
 ) -> None:

@@ -339,6 +339,7 @@ def shared_dir() -> Iterator[Path]:
         shutil.rmtree(base)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_unprivileged() is None, reason="needs root, runuser and user nobody")
 def test_sqlite_directory_not_writable_as_an_unprivileged_user(shared_dir: Path) -> None:
     """A real permission problem: the database directory exists but is not writable."""
@@ -359,6 +360,7 @@ def test_sqlite_directory_not_writable_as_an_unprivileged_user(shared_dir: Path)
     assert list(state.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_unprivileged() is None, reason="needs root, runuser and user nobody")
 def test_key_directory_not_writable_as_an_unprivileged_user(shared_dir: Path) -> None:
     """A real permission problem: the generated key file's directory (beside the config file,
