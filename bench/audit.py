@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, insert, text, update
 from sqlalchemy.engine import make_url
@@ -54,7 +55,8 @@ def generate(engine: Engine, *, n_targets: int, n_snapshots: int, n_events: int)
             [{"target_id": i + 1, "consecutive_failures": 0} for i in range(n_targets)],
         )
     previous, seq = GENESIS, 0
-    snap_rows, event_rows = [], []
+    snap_rows: list[dict[str, Any]] = []
+    event_rows: list[dict[str, Any]] = []
     s_i = e_i = 0
     batch = 20_000
 

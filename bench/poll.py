@@ -433,7 +433,7 @@ def run_memory_benchmark(args: argparse.Namespace, base_url: str) -> bool:
     if args.no_poll_all:
         command.append("--no-poll-all")
     out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
-    f = json.loads(out.stdout.strip().splitlines()[-1])
+    f: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])  # the child's report
     n = f["targets"]
     rows = [
         ("after imports (monitor, sqlalchemy, fastapi, ...)", f["rss_imports_kib"]),
@@ -458,7 +458,8 @@ def run_memory_benchmark(args: argparse.Namespace, base_url: str) -> bool:
     print(f"; failed polls: {f['failed']}" if "failed" in f else "")
     for error in f.get("errors", []):
         print(f"  poll error: {error}")
-    return f.get("failed", 0) == 0
+    failed: int = f.get("failed", 0)
+    return failed == 0
 
 
 # --------------------------------------------------------------------------- main

@@ -20,7 +20,7 @@ SECRET = "Acc3ss-Key-Secret-For-CLI"
 
 
 @pytest.fixture
-def sim() -> SimulatedGenAuth:
+def sim() -> Iterator[SimulatedGenAuth]:
     with SimulatedGenAuth(access_key_id="cli-pool", access_key_secret=SECRET) as s:
         yield s
 

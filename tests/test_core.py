@@ -139,7 +139,7 @@ def _kinds(events: list[Any]) -> list[str]:
 
 
 def _changed(**changes: Any) -> dict[str, Any]:
-    doc = redact(BASE, KEY)
+    doc: dict[str, Any] = redact(BASE, KEY)
     for path, value in changes.items():
         node = doc
         parts = path.split("__")

@@ -450,6 +450,7 @@ def test_hostile_upstream_text_forges_nothing_in_logs_or_on_the_terminal(
     assert any(c["path"] == "smtpConfig." + HOSTILE_KEY for c in json.loads(out)["changes"])
 
     now = format_time(utc_now())
+    assert now is not None
     code, out, _ = _cli(capsys, "at", "-c", str(config), "--target", "prod", now)
     assert code == 0 and "\\u001b[2J" in out
     assert_clean(out, "at")
