@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 from unittest import mock
 
 import requests
+from sqlalchemy import Connection, Engine, event
 
 from monitor.simulator import SimulatedGenAuth
 
@@ -70,8 +72,9 @@ def run_main(*args: str, env: dict[str, str] | None = None) -> CliResult:
     logging handler goes) are captured; an ``argparse`` exit (``--version``, a bad option) is
     its exit code; the root logger and the logger levels the CLI sets are put back. A ``run``
     that gets past its start-up checks would block the test: it fails instead (blocking
-    commands stay subprocesses). The alert delivery threads of ``check`` are waited for, as the
-    end of its process would end them."""
+    commands stay subprocesses). What the end of its process would do is done: the alert
+    delivery threads of ``check`` are waited for, and the database connections the call opened
+    are closed (SQLite then checkpoints its WAL, as after a process)."""
     from monitor import cli as cli_module
 
     def started(_run: object) -> None:
@@ -80,6 +83,7 @@ def run_main(*args: str, env: dict[str, str] | None = None) -> CliResult:
     before = set(threading.enumerate())
     out, err = io.StringIO(), io.StringIO()
     with (
+        _engines_disposed_after(),
         _logging_restored(),
         mock.patch.dict(os.environ, env or {}),
         _patched(cli_module, "_run_until_signal", started),
@@ -90,8 +94,25 @@ def run_main(*args: str, env: dict[str, str] | None = None) -> CliResult:
             code = cli_module.main(list(args))
         except SystemExit as exc:
             code = _exit_code(exc, err)
-    _join_deliveries(before)
+        _join_deliveries(before)
     return CliResult(code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def _engines_disposed_after() -> Iterator[None]:
+    """Every SQLAlchemy engine that connects inside the block is disposed of at its end."""
+    engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+    def connected(connection: Connection) -> None:
+        engines.add(connection.engine)
+
+    event.listen(Engine, "engine_connect", connected)
+    try:
+        yield
+    finally:
+        event.remove(Engine, "engine_connect", connected)
+        for engine in list(engines):
+            engine.dispose()
 
 
 def _patched(owner: object, name: str, value: object) -> contextlib.AbstractContextManager[Any]:

@@ -33,7 +33,7 @@ from monitor.storage import create_store_engine, upgrade
 from monitor.storage import engine as storage_engine
 from monitor.storage.engine import migrations_dir, open_read_only
 from tests.externals import REQUIRE
-from tests.helpers import run_cli, write_config
+from tests.helpers import run_main, write_config
 
 SECRET = "Read-Only-Test-Access-Secret"
 FAR_FUTURE = "2999-01-01T00:00:00Z"
@@ -83,13 +83,14 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Recorded:
                 data = sim.data
                 data["smtpConfig"]["smtp_host"] = host
                 sim.set_data(data)
-            checked = run_cli(
+            checked = run_main(
                 "check", "-c", str(config), "--json", "--delivery-timeout", "0", env=env
             )
             assert checked.returncode == 0, checked.stdout + checked.stderr
             hashes.append(json.loads(checked.stdout)["targets"][0]["hash"])
     db = directory / "monitor.db"
-    # The writer has exited: WAL mode, everything checkpointed into the file, no -wal left.
+    # The writer is done (its connections closed): WAL mode, everything checkpointed into the
+    # file, no -wal left.
     assert not Path(f"{db}-wal").exists()
     assert db.read_bytes()[18:20] == b"\x02\x02", "a WAL-mode file"
     return Recorded(db, hashes[0], hashes[1])
