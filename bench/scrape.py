@@ -21,6 +21,7 @@ import random
 import secrets
 import statistics
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import requests
@@ -97,7 +98,11 @@ def time_render(
     """Renders as the daemon serves them (``Metrics.render``), with ``dirty`` of the targets
     polled between two renders (a 15 s scrape of 10,000 targets at 60 s: a quarter); ``full``
     times prometheus-client's own ``generate_latest`` of the whole registry instead."""
-    render = (lambda: generate_latest(metrics.registry)) if full else metrics.render
+
+    def whole() -> bytes:
+        return generate_latest(metrics.registry)
+
+    render: Callable[[], bytes] = whole if full else metrics.render
     body = render()  # warm-up
     walls, cpus = [], []
     names = [name for name, _ in metrics.snapshot()]

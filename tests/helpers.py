@@ -76,6 +76,7 @@ def run_main(*args: str, env: dict[str, str] | None = None) -> CliResult:
     delivery threads of ``check`` are waited for, and the database connections the call opened
     are closed (SQLite then checkpoints its WAL, as after a process)."""
     from monitor import cli as cli_module
+    from monitor import cli_commands
 
     def started(_run: object) -> None:
         raise AssertionError("in-process run_main(): run/demo would block; use run_cli")
@@ -86,7 +87,7 @@ def run_main(*args: str, env: dict[str, str] | None = None) -> CliResult:
         _engines_disposed_after(),
         _logging_restored(),
         mock.patch.dict(os.environ, env or {}),
-        _patched(cli_module, "_run_until_signal", started),
+        mock.patch.object(cli_commands, "_run_until_signal", started),
         contextlib.redirect_stdout(out),
         contextlib.redirect_stderr(err),
     ):
@@ -113,12 +114,6 @@ def _engines_disposed_after() -> Iterator[None]:
         event.remove(Engine, "engine_connect", connected)
         for engine in list(engines):
             engine.dispose()
-
-
-def _patched(owner: object, name: str, value: object) -> contextlib.AbstractContextManager[Any]:
-    if hasattr(owner, name):
-        return mock.patch.object(owner, name, value)
-    return contextlib.nullcontext()
 
 
 def _exit_code(exc: SystemExit, stderr: io.StringIO) -> int:

@@ -110,6 +110,11 @@ class _Idle:
         return False
 
 
+def _seconds_after(start: datetime, run_time: datetime | None) -> float:
+    assert run_time is not None, "every target is scheduled"
+    return (run_time - start).total_seconds()
+
+
 def test_first_polls_spread_over_the_interval_at_most_30_seconds() -> None:
     now = datetime.now(UTC) + timedelta(hours=1)  # nothing runs during the test
     targets = [
@@ -119,7 +124,7 @@ def test_first_polls_spread_over_the_interval_at_most_30_seconds() -> None:
     scheduler = PollScheduler(targets, backoff_max=900, now=lambda: now)
     scheduler.start()
     try:
-        firsts = sorted((t - now).total_seconds() for t in scheduler.next_run_times().values())
+        firsts = sorted(_seconds_after(now, t) for t in scheduler.next_run_times().values())
     finally:
         scheduler.shutdown()
     assert firsts[0] == 0 and 29 < firsts[-1] < 30

@@ -46,13 +46,15 @@ def served(tmp_path: Path, clock: FakeClock) -> Iterator[Served]:
     with SimulatedGenAuth(access_key_secret="Browser-Access-Secret-92") as sim:
         settings = runtime_settings(f"sqlite:///{tmp_path / 'monitor.db'}", sim, tmp_path)
         runtime = build_runtime(settings, clock=clock)
-        hashes = []
+        hashes: list[str] = []
         for change in [{}, {"smtp_host": HOSTILE}, {"smtp_port": 2525}]:
             data = sim.data
             data["smtpConfig"].update(change)
             sim.set_data(data)
             clock.advance(60)
-            hashes.append(runtime.pollers["prod"].poll().hash)
+            polled = runtime.pollers["prod"].poll()
+            assert polled.hash is not None, polled.error
+            hashes.append(polled.hash)
         app = create_app(
             registry=runtime.registry,
             queries=runtime.queries,
