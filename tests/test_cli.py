@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
 from monitor import __version__
 from monitor.simulator import SimulatedGenAuth
-from tests.helpers import EVENT_FIELDS, run_cli, run_main, write_config
+from tests.helpers import CLI, EVENT_FIELDS, free_port, run_cli, run_main, wait_for, write_config
 
 SECRET = "Acc3ss-Key-Secret-For-CLI"
 
@@ -49,6 +54,32 @@ def test_check_in_a_subprocess(tmp_path: Path, sim: SimulatedGenAuth, env: dict[
     [target] = json.loads(result.stdout)["targets"]
     assert target["ok"] and [e["kind"] for e in target["events"]] == ["first_seen"]
     assert SECRET not in result.stdout + result.stderr
+
+
+def test_run_in_a_subprocess_serves_and_stops_on_sigterm(
+    tmp_path: Path, sim: SimulatedGenAuth, env: dict[str, str]
+) -> None:
+    """The daemon's smoke test (tests/test_daemon.py, in the slow tier, follows it further)."""
+    port = free_port()
+    config = write_config(tmp_path, sim, port=port)
+    log = tmp_path / "run.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*CLI, "run", "-c", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+        )
+    try:
+        ready = f"http://127.0.0.1:{port}/readyz"
+        wait_for(lambda: requests.get(ready, timeout=2).status_code == 200, what="/readyz")
+    finally:
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=15)
+    assert code == 0, log.read_text()
+    assert time.monotonic() - started < 10
+    assert SECRET not in log.read_text()
 
 
 def test_config_check(tmp_path: Path, sim: SimulatedGenAuth, env: dict[str, str]) -> None:

@@ -9,10 +9,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 from monitor.simulator import SimulatedGenAuth
 from tests.helpers import CLI, free_port, metric_value, run_main, wait_for, write_config
+
+# The real daemon followed through changes and failures; test_cli.py keeps a quick smoke test
+# of run and SIGTERM in the default tier.
+pytestmark = pytest.mark.slow
 
 SECRET = "Daemon-Access-Secret-777"
 SMTP_PASS = "Daemon-Smtp-Password-888"

@@ -34,6 +34,8 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 
+pytestmark = pytest.mark.slow  # a real browser process
+
 
 @dataclass
 class Served:
