@@ -194,8 +194,11 @@ access_key_secret_env = "GM_TEST_SECRET"
 
 
 def wait_for(predicate: Callable[[], Any], *, timeout: float = 20, what: str = "") -> Any:
+    """The first true value of ``predicate``, asked again after 10 ms, then less and less
+    often (every 100 ms at most, so a long wait does not hammer what it asks)."""
     deadline = time.monotonic() + timeout
     last: Any = None
+    pause = 0.01
     while time.monotonic() < deadline:
         try:
             last = predicate()
@@ -203,7 +206,8 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float = 20, what: str = "
             last = None
         if last:
             return last
-        time.sleep(0.1)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
     raise AssertionError(f"timed out waiting for {what or predicate}")
 
 
