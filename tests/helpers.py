@@ -252,3 +252,18 @@ def runtime_settings(
         base_dir=base_dir,
         environ={"FP": "k", "SECRET": sim.access_key_secret, "HOOK": "Webhook-Signing-Secret-456"},
     )
+
+
+def change_and_poll(runtime: Any, sim: SimulatedGenAuth, clock: Any, **fields: Any) -> Any:
+    """Change the simulator's config (``smtpConfig__smtp_host=...`` for nested keys), move
+    the clock a minute on, and poll target 'prod' of ``runtime`` once."""
+    data = sim.data
+    for path, value in fields.items():
+        node = data
+        parts = path.split("__")
+        for part in parts[:-1]:
+            node = node[part]
+        node[parts[-1]] = value
+    sim.set_data(data)
+    clock.advance(60)
+    return runtime.pollers["prod"].poll()

@@ -16,7 +16,7 @@ from monitor.app import Runtime, build_runtime
 from monitor.http_server import HttpServer
 from monitor.simulator import SimulatedGenAuth
 from tests.conftest import FakeClock
-from tests.helpers import runtime_settings
+from tests.helpers import change_and_poll, runtime_settings
 
 TOKEN = "Api-Test-Token-42"
 SECRET = "Api-Access-Secret-43"
@@ -34,16 +34,7 @@ class Api:
         return requests.get(self.base + path, params=params, headers=headers, timeout=5)
 
     def poll_with(self, **fields: Any) -> Any:
-        data = self.sim.data
-        for path, value in fields.items():
-            node = data
-            parts = path.split("__")
-            for part in parts[:-1]:
-                node = node[part]
-            node[parts[-1]] = value
-        self.sim.set_data(data)
-        self.clock.advance(60)
-        return self.runtime.pollers["prod"].poll()
+        return change_and_poll(self.runtime, self.sim, self.clock, **fields)
 
 
 def _serve(runtime: Runtime, clock: FakeClock, token: str | None) -> HttpServer:

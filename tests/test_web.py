@@ -27,7 +27,7 @@ from monitor.storage.schema import events
 from monitor.web import CONTENT_SECURITY_POLICY, COOKIE, Sessions
 from monitor.web.verify import ChainCheck
 from tests.conftest import FakeClock
-from tests.helpers import runtime_settings
+from tests.helpers import change_and_poll, runtime_settings
 
 TOKEN = "Ui-Test-Token-77"
 SECRET = "Ui-Access-Secret-78"
@@ -73,16 +73,7 @@ class Web:
         return str(answer.cookies[COOKIE])
 
     def poll_with(self, **fields: Any) -> Any:
-        data = self.sim.data
-        for path, value in fields.items():
-            node = data
-            parts = path.split("__")
-            for part in parts[:-1]:
-                node = node[part]
-            node[parts[-1]] = value
-        self.sim.set_data(data)
-        self.clock.advance(60)
-        return self.runtime.pollers["prod"].poll()
+        return change_and_poll(self.runtime, self.sim, self.clock, **fields)
 
 
 def _serve(runtime: Runtime, clock: FakeClock, token: str | None) -> tuple[FastAPI, HttpServer]:
