@@ -267,3 +267,22 @@ def change_and_poll(runtime: Any, sim: SimulatedGenAuth, clock: Any, **fields: A
     sim.set_data(data)
     clock.advance(60)
     return runtime.pollers["prod"].poll()
+
+
+def serve_app(runtime: Any, clock: Any, token: str | None) -> tuple[Any, Any]:
+    """The daemon's FastAPI app over ``runtime`` (always ready), served on a free loopback
+    port by its HttpServer, started: ``(app, server)``; the caller stops the server."""
+    from monitor.api import create_app
+    from monitor.http_server import HttpServer
+
+    app = create_app(
+        registry=runtime.registry,
+        queries=runtime.queries,
+        ready=lambda: (True, {}),
+        api_token=token,
+        clock=clock,
+        targets=[target.name for target in runtime.settings.targets],
+    )
+    server = HttpServer(app, host="127.0.0.1", port=0)
+    server.start()
+    return app, server

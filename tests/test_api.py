@@ -16,7 +16,7 @@ from monitor.app import Runtime, build_runtime
 from monitor.http_server import HttpServer
 from monitor.simulator import SimulatedGenAuth
 from tests.conftest import FakeClock
-from tests.helpers import change_and_poll, runtime_settings
+from tests.helpers import change_and_poll, runtime_settings, serve_app
 
 TOKEN = "Api-Test-Token-42"
 SECRET = "Api-Access-Secret-43"
@@ -38,15 +38,7 @@ class Api:
 
 
 def _serve(runtime: Runtime, clock: FakeClock, token: str | None) -> HttpServer:
-    app = create_app(
-        registry=runtime.registry,
-        queries=runtime.queries,
-        ready=lambda: (True, {}),
-        api_token=token,
-        clock=clock,
-    )
-    server = HttpServer(app, host="127.0.0.1", port=0)
-    server.start()
+    server: HttpServer = serve_app(runtime, clock, token)[1]
     return server
 
 
@@ -346,7 +338,6 @@ def test_keep_alive_requests_are_not_held_back_by_nagle() -> None:
     from prometheus_client import CollectorRegistry
     from sqlalchemy import create_engine
 
-    from monitor.api import create_app
     from monitor.http_server import HttpServer
     from monitor.storage import Queries
     from monitor.timeutil import utc_now

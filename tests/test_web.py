@@ -18,7 +18,6 @@ import requests
 from fastapi import FastAPI
 from sqlalchemy import update
 
-from monitor.api import create_app
 from monitor.app import Runtime, build_runtime
 from monitor.http_server import HttpServer
 from monitor.simulator import DEFAULT_DATA, SimulatedGenAuth
@@ -27,7 +26,7 @@ from monitor.storage.schema import events
 from monitor.web import CONTENT_SECURITY_POLICY, COOKIE, Sessions
 from monitor.web.verify import ChainCheck
 from tests.conftest import FakeClock
-from tests.helpers import change_and_poll, runtime_settings
+from tests.helpers import change_and_poll, runtime_settings, serve_app
 
 TOKEN = "Ui-Test-Token-77"
 SECRET = "Ui-Access-Secret-78"
@@ -77,17 +76,8 @@ class Web:
 
 
 def _serve(runtime: Runtime, clock: FakeClock, token: str | None) -> tuple[FastAPI, HttpServer]:
-    app = create_app(
-        registry=runtime.registry,
-        queries=runtime.queries,
-        ready=lambda: (True, {}),
-        api_token=token,
-        clock=clock,
-        targets=["prod"],
-    )
-    server = HttpServer(app, host="127.0.0.1", port=0)
-    server.start()
-    return app, server
+    served: tuple[FastAPI, HttpServer] = serve_app(runtime, clock, token)
+    return served
 
 
 @pytest.fixture

@@ -15,13 +15,11 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.sync_api import Browser, Dialog, Page, Request, expect, sync_playwright
 
-from monitor.api import create_app
 from monitor.app import build_runtime
-from monitor.http_server import HttpServer
 from monitor.simulator import SimulatedGenAuth
 from tests.conftest import FakeClock
 from tests.externals import binary
-from tests.helpers import runtime_settings
+from tests.helpers import runtime_settings, serve_app
 
 TOKEN = "Browser-Test-Token-91"
 HOSTILE = "<script>alert(1)</script>"
@@ -57,16 +55,7 @@ def served(tmp_path: Path, clock: FakeClock) -> Iterator[Served]:
             polled = runtime.pollers["prod"].poll()
             assert polled.hash is not None, polled.error
             hashes.append(polled.hash)
-        app = create_app(
-            registry=runtime.registry,
-            queries=runtime.queries,
-            ready=lambda: (True, {}),
-            api_token=TOKEN,
-            clock=clock,
-            targets=["prod"],
-        )
-        server = HttpServer(app, host="127.0.0.1", port=0)
-        server.start()
+        _, server = serve_app(runtime, clock, TOKEN)
         try:
             yield Served(f"http://127.0.0.1:{server.port}", hashes)
         finally:
