@@ -222,7 +222,7 @@ class Daemon:
 
     def start(self) -> None:
         self.http.start()
-        self.recorder.start()
+        self.recorder.start(self.runtime.store)
         self.runtime.delivery.start()
         self.scheduler.start()
         settings = self.runtime.settings

@@ -43,7 +43,7 @@ from monitor.core.canonical import UnusableDocument
 from monitor.errors import StorageError, UpstreamError
 from monitor.metrics import Metrics
 from monitor.storage import FailureRecord, Store, TargetState
-from monitor.storage.store import NewSnapshot, StaleStateError
+from monitor.storage.store import NewSnapshot, Sighting, StaleStateError
 from monitor.timeutil import Clock
 
 __all__ = ["Fetcher", "PollResult", "TargetPoller"]
@@ -312,6 +312,40 @@ class TargetPoller:
                 extra={"target": self.name, "pending": len(self._pending)},
             )
         self._pending.append(outcome)
+
+    def sighting(self, *, seal: bool) -> Sighting | None:
+        """The queue as one batchable :class:`Sighting` when it holds a lone sighting of the
+        current snapshot with nothing else to record (no event, no baseline or failure-count
+        change); None otherwise, and then :meth:`flush` writes it. With ``seal``, polls from now
+        on queue behind it until :meth:`sighting_written` or :meth:`unseal`."""
+        with self._lock:
+            state = self._state
+            head = self._pending[0] if len(self._pending) == 1 else None
+            if (
+                not isinstance(head, _Seen)
+                or state is None
+                or state.snapshot_id is None
+                or state.consecutive_failures
+                or (head.hash, head.drift) != (state.hash, state.drift)
+            ):
+                return None
+            head.writing = seal
+            return Sighting(state, head.seen_last, head.times)
+
+    def sighting_written(self, state: TargetState) -> None:
+        """The sealed sighting is in the database; ``state`` is the target's state after it."""
+        with self._lock:
+            self._pending.popleft()
+            more = bool(self._pending)
+        self._state = state
+        if more and self.on_pending is not None:
+            self.on_pending()
+
+    def unseal(self) -> None:
+        """The sealed sighting was not written; later polls may collapse into it again."""
+        with self._lock:
+            if self._pending and isinstance(head := self._pending[0], _Seen):
+                head.writing = False
 
     def flush(self) -> tuple[list[EventDraft], bool]:
         """Write queued outcomes in order; stop at the first database failure. Returns the

@@ -28,7 +28,14 @@ from monitor.storage.schema import (
     targets,
 )
 
-__all__ = ["FailureRecord", "NewSnapshot", "StaleStateError", "Store", "TargetState"]
+__all__ = [
+    "FailureRecord",
+    "NewSnapshot",
+    "Sighting",
+    "StaleStateError",
+    "Store",
+    "TargetState",
+]
 
 log = logging.getLogger("monitor.storage")
 
@@ -62,6 +69,26 @@ class FailureRecord:
     http_status: int | None = None
     api_code: int | None = None
     request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sighting:
+    """Polls that saw a target's current snapshot again with nothing else to record (no
+    event, no baseline change): what the recorder batches, many targets per transaction."""
+
+    state: TargetState
+    at: datetime  # the latest of the sightings
+    times: int = 1
+
+
+@dataclass(slots=True)
+class _Tx:
+    """One write transaction, and what its commit announces: the audit chain head it wrote
+    and how many deliveries it queued."""
+
+    connection: Connection
+    chain_head: tuple[int, str] | None = None
+    queued: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,19 +128,6 @@ _SUCCEEDED = (
     )
 )
 
-_SEEN_AGAIN_PG = text(
-    "WITH state AS (UPDATE poll_state SET up = true, consecutive_failures = 0,"
-    " last_attempt_at = :p_now, last_success_at = :p_now"
-    " WHERE target_id = :p_target AND current_snapshot_id = :p_snapshot RETURNING 1)"
-    " UPDATE snapshots SET last_seen_at = :p_now, seen_count = seen_count + :p_times"
-    " WHERE id = :p_snapshot AND EXISTS (SELECT 1 FROM state)"
-).bindparams(
-    bindparam("p_now", type_=UTCDateTime()),
-    bindparam("p_times", type_=Integer()),
-    bindparam("p_snapshot", type_=Integer()),
-    bindparam("p_target", type_=Integer()),
-)
-
 
 class Store:
     """Writes of the poll path. Every method is one transaction; errors become StorageError."""
@@ -127,8 +141,6 @@ class Store:
     ) -> None:
         self.engine = engine
         self._writer = engine.execution_options(**{WRITE: True})
-        self._single_statement = engine.dialect.name == "postgresql"
-        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._routes = tuple(routes)
         # Called after a commit that queued deliveries, to wake the delivery worker.
         self._on_outbox = on_outbox
@@ -143,7 +155,7 @@ class Store:
 
     def ensure_target(self, name: str, *, now: datetime) -> TargetState:
         """The stored state of target ``name``, creating the target on first use."""
-        return self._write(lambda c: self._ensure_target(c, name, now))
+        return self._write(lambda tx: self._ensure_target(tx.connection, name, now))
 
     def record_unchanged(
         self,
@@ -158,12 +170,9 @@ class Store:
         ``drift`` updates the snapshot's baseline verdict when the baseline itself changed."""
         drift = state.drift if drift is None else drift
         after = replace(state, up=True, consecutive_failures=0, last_success_at=now, drift=drift)
-        fast = not events_ and drift == state.drift and state.snapshot_id is not None
-        if self._single_statement and fast:
-            self._seen_again_at_once(state, now, times)
-            return after
 
-        def work(connection: Connection) -> TargetState:
+        def work(tx: _Tx) -> TargetState:
+            connection = tx.connection
             guarded = connection.execute(
                 _SUCCEEDED,
                 {"p_target": state.target_id, "p_now": now, "p_snapshot": state.snapshot_id},
@@ -180,29 +189,37 @@ class Store:
                         .where(snapshots.c.id == state.snapshot_id)
                         .values(drift=drift)
                     )
-            self._insert_events(connection, state, events_, now, state.hash, state.hash)
+            self._insert_events(tx, state, events_, now, state.hash, state.hash)
             return after
 
         return self._write(work)
 
-    def _seen_again_at_once(self, state: TargetState, now: datetime, times: int) -> None:
-        # PostgreSQL: one autocommitted statement (both updates in a data-modifying CTE) is
-        # atomic and costs one round trip instead of BEGIN, two UPDATEs and COMMIT.
-        try:
-            with self._autocommit.connect() as connection:
-                result = connection.execute(
-                    _SEEN_AGAIN_PG,
-                    {
-                        "p_snapshot": state.snapshot_id,
-                        "p_target": state.target_id,
-                        "p_now": now,
-                        "p_times": times,
-                    },
-                )
-        except SQLAlchemyError as exc:
-            raise StorageError(describe_error(exc)) from None
-        if result.rowcount != 1:
-            raise StaleStateError(state.name)
+    def record_sightings(self, sightings: Sequence[Sighting]) -> list[TargetState]:
+        """Unchanged sightings of many targets in one transaction, the same two statements as
+        :meth:`record_unchanged` executed once for all. When any target's state is stale (another
+        writer recorded a change) nothing is written and StaleStateError is raised: the caller
+        then writes them one by one, which finds the stale one and re-judges it."""
+        if not sightings:
+            return []
+        succeeded = [
+            {"p_target": s.state.target_id, "p_now": s.at, "p_snapshot": s.state.snapshot_id}
+            for s in sightings
+        ]
+        seen = [
+            {"p_snapshot": s.state.snapshot_id, "p_now": s.at, "p_times": s.times}
+            for s in sightings
+        ]
+
+        def work(tx: _Tx) -> list[TargetState]:
+            if tx.connection.execute(_SUCCEEDED, succeeded).rowcount != len(sightings):
+                raise StaleStateError(", ".join(s.state.name for s in sightings))
+            tx.connection.execute(_SEEN_AGAIN, seen)
+            return [
+                replace(s.state, up=True, consecutive_failures=0, last_success_at=s.at)
+                for s in sightings
+            ]
+
+        return self._write(work)
 
     def record_snapshot(
         self,
@@ -219,7 +236,8 @@ class Store:
         cover sightings collapsed while the database was away."""
         last = last_seen or now
 
-        def work(connection: Connection) -> TargetState:
+        def work(tx: _Tx) -> TargetState:
+            connection = tx.connection
             guarded = connection.execute(
                 update(poll_state)
                 .where(
@@ -244,7 +262,7 @@ class Store:
             snapshot_id = connection.execute(
                 insert(snapshots).values(values).returning(snapshots.c.id)
             ).scalar_one()
-            self._chain(connection, "snapshots", {**values, "id": snapshot_id})
+            self._chain(tx, "snapshots", {**values, "id": snapshot_id})
             self._mark_success(
                 connection,
                 state.target_id,
@@ -252,7 +270,7 @@ class Store:
                 current_snapshot_id=snapshot_id,
                 last_change_at=now,
             )
-            self._insert_events(connection, state, events_, now, snapshot.hash, state.hash)
+            self._insert_events(tx, state, events_, now, snapshot.hash, state.hash)
             return replace(
                 state,
                 snapshot_id=snapshot_id,
@@ -279,7 +297,8 @@ class Store:
     ) -> TargetState:
         """A failed poll: the current snapshot stays, the failure is kept and counted."""
 
-        def work(connection: Connection) -> TargetState:
+        def work(tx: _Tx) -> TargetState:
+            connection = tx.connection
             failures = state.consecutive_failures + 1
             connection.execute(
                 update(poll_state)
@@ -297,27 +316,24 @@ class Store:
                 )
             )
             self._append_error(connection, state, failure, now)
-            self._insert_events(connection, state, events_, now, state.hash, state.hash)
+            self._insert_events(tx, state, events_, now, state.hash, state.hash)
             return replace(state, up=False, consecutive_failures=failures)
 
         return self._write(work)
 
     # -- internals -------------------------------------------------------------------------
 
-    def _write(self, work: Callable[[Connection], T]) -> T:
+    def _write(self, work: Callable[[_Tx], T]) -> T:
         try:
-            with self._writer.connect() as connection:
-                connection.info.pop("chain_head", None)
-                connection.info.pop("outbox", None)
-                with connection.begin():
-                    result = work(connection)
-                head = connection.info.pop("chain_head", None)
-                queued = connection.info.pop("outbox", 0)
+            with self._writer.connect() as connection, connection.begin():
+                tx = _Tx(connection)
+                result = work(tx)
         except SQLAlchemyError as exc:
             raise StorageError(describe_error(exc), permanent=isinstance(exc, DataError)) from None
-        if head is not None:
-            log.info("audit chain head", extra={"chain_seq": head[0], "chain_hash": head[1]})
-        if queued and self._on_outbox is not None:
+        if tx.chain_head is not None:
+            seq, digest = tx.chain_head
+            log.info("audit chain head", extra={"chain_seq": seq, "chain_hash": digest})
+        if tx.queued and self._on_outbox is not None:
             self._on_outbox()
         return result
 
@@ -422,7 +438,7 @@ class Store:
 
     def _insert_events(
         self,
-        connection: Connection,
+        tx: _Tx,
         state: TargetState,
         drafts: Sequence[EventDraft],
         now: datetime,
@@ -445,23 +461,21 @@ class Store:
                 ),
                 "message": draft.message,
             }
-            event_id = connection.execute(
+            event_id = tx.connection.execute(
                 insert(events).values(values).returning(events.c.id)
             ).scalar_one()
-            Store._chain(connection, "events", {**values, "id": event_id})
+            Store._chain(tx, "events", {**values, "id": event_id})
             if draft.notify and self._routes:
-                queued = outbox.enqueue(
-                    connection,
+                tx.queued += outbox.enqueue(
+                    tx.connection,
                     event_id=event_id,
                     kind=draft.kind,
                     severity=draft.severity,
                     routes=self._routes,
                     now=now,
                 )
-                connection.info["outbox"] = connection.info.get("outbox", 0) + queued
 
     @staticmethod
-    def _chain(connection: Connection, table: str, row: dict[str, Any]) -> None:
-        seq, digest = chain.append(connection, table, row)
+    def _chain(tx: _Tx, table: str, row: dict[str, Any]) -> None:
         # After commit this is the chain head; logging it lets an outside log anchor the tail.
-        connection.info["chain_head"] = (seq, digest)
+        tx.chain_head = chain.append(tx.connection, table, row)
