@@ -101,17 +101,34 @@ def _seen(engine: Engine) -> dict[str, tuple[int, datetime]]:
 def test_unchanged_sightings_of_every_target_share_one_transaction(
     db_url: str, simulator: SimulatedGenAuth, tmp_path: Path, clock: FakeClock
 ) -> None:
-    with _recording(db_url, simulator, tmp_path, clock, tick=0.3) as (runtime, _recorder):
+    # A tick longer than the test: the sightings wait for it, and the stop writes them.
+    with _recording(db_url, simulator, tmp_path, clock, tick=60) as (runtime, recorder):
         _poll_all(runtime, clock)  # first snapshots: each written at once, one by one
         wait_for(lambda: _written(runtime), timeout=10, what="first snapshots written")
         engine = runtime.store.engine
         with _commits(engine) as commits:
             _poll_all(runtime, clock)
             last = _poll_all(runtime, clock)
-            wait_for(lambda: _written(runtime), timeout=10, what="sightings written")
-        # Ten unchanged sightings of five targets, within one tick: one transaction.
+            assert _seen(engine) == {name: (1, _seen(engine)[name][1]) for name in NAMES}
+            recorder.stop()
+        # Ten unchanged sightings of five targets: one transaction.
         assert len(commits) == 1
         assert _seen(engine) == {name: (3, last) for name in NAMES}
+
+
+def test_unchanged_sightings_are_written_within_a_tick(
+    db_url: str, simulator: SimulatedGenAuth, tmp_path: Path, clock: FakeClock
+) -> None:
+    with _recording(db_url, simulator, tmp_path, clock, tick=0.2) as (runtime, _recorder):
+        _poll_all(runtime, clock)
+        wait_for(lambda: _written(runtime), timeout=10, what="first snapshots written")
+        last = _poll_all(runtime, clock)
+        engine = runtime.store.engine
+        wait_for(
+            lambda: _seen(engine) == {name: (2, last) for name in NAMES},
+            timeout=5,
+            what="sightings written at the tick, without a stop",
+        )
 
 
 def test_a_change_does_not_wait_for_the_tick_and_a_stop_writes_what_waits(
