@@ -189,7 +189,10 @@ def test_pending_delivery_survives_sigkill(tmp_path: Path, receiver: Receiver) -
         config = write_config(
             tmp_path,
             sim,
-            extra=f'[[sinks]]\ntype = "webhook"\nurl = "{receiver.url}"\nmax_backoff = "1s"\n',
+            # A short sink timeout: a daemon killed mid-send holds the lane's lease for the
+            # timeout plus 5 s, and the next one waits for it to run out.
+            extra=f'[[sinks]]\ntype = "webhook"\nurl = "{receiver.url}"\nmax_backoff = "1s"\n'
+            'timeout = "2s"\n',
         )
         env = {**os.environ, "GM_TEST_SECRET": SECRET, "GM_TEST_API_TOKEN": "t"}
         receiver.status = 503
