@@ -199,8 +199,10 @@ def test_each_member_of_an_alertmanager_cluster_gets_every_alert_one_down_or_not
             sim.set_data(data)
             poller.poll()
             assert runtime.delivery.drain(timeout=10) == 0
-            for member in members:
-                wait_for(lambda m=member: not _alerts(m.url), what="resolved on every member")
+            wait_for(
+                lambda: not any(_alerts(member.url) for member in members),
+                what="resolved on every member",
+            )
             runtime.store.engine.dispose()
     finally:
         for member in members:
