@@ -185,8 +185,9 @@ class _Lane:
 
     def _deliver(self, now: datetime) -> int:
         policy, sent = self.policy, 0
-        for row in self._outbox.due(self.key, now, max_wait=policy.max_backoff):
-            if self._stop.is_set() or not self._hold():
+        for index, row in enumerate(self._outbox.due(self.key, now, max_wait=policy.max_backoff)):
+            # The lease was just taken for a whole send: extended from the second row on.
+            if self._stop.is_set() or (index and not self._hold()):
                 break
             try:
                 policy.sink.send(row.event)
