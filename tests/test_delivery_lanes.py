@@ -102,6 +102,29 @@ def test_processes_racing_for_a_new_lane_get_one_holder(db_url: str) -> None:
     engine.dispose()
 
 
+def test_a_late_mark_of_a_former_holder_leaves_a_delivered_row_alone(
+    db_url: str, tmp_path: Path, receivers: Callable[[], Receiver]
+) -> None:
+    """A holder that lost its lane mid-send and then saw the sink refuse must not set aside
+    (to be sent again by `alerts retry`) the row the new holder has delivered."""
+    receiver = receivers()
+    with SimulatedGenAuth(access_key_secret=SECRET) as sim:
+        settings = runtime_settings(
+            db_url, sim, tmp_path, sinks=[{"type": "webhook", "url": receiver.url}]
+        )
+        runtime = build_runtime(settings)
+        runtime.pollers["prod"].poll()
+        outbox = Outbox(runtime.store.engine)
+        [row] = outbox.pending()
+        now = row.next_attempt_at
+        outbox.delivered(row.id, now)  # by the new holder
+        outbox.rejected(row.id, "HTTP 400", now)  # the former holder's late mark
+        outbox.failed(row.id, "HTTP 503", now)
+        assert outbox.pending(rejected=True) == []
+        assert outbox.retry_now(now) == 0
+        runtime.store.engine.dispose()
+
+
 # -- two workers on one database ------------------------------------------------------------
 
 
