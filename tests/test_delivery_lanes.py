@@ -20,6 +20,7 @@ from monitor.simulator import SimulatedGenAuth
 from monitor.storage import create_store_engine, upgrade
 from monitor.storage.lanes import LaneLeases
 from monitor.storage.outbox import Outbox
+from monitor.storage.queries import Queries
 from monitor.storage.schema import delivery_lanes
 from tests.helpers import CLI, run_main, runtime_settings, wait_for, write_config
 from tests.receiver import Receiver
@@ -243,6 +244,78 @@ def _daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
         )
 
 
+def _replica_configs(
+    tmp_path: Path, sim: SimulatedGenAuth, postgres_url: str, sink: str, interval: str
+) -> dict[str, Path]:
+    """Configs of two replicas on one database, watching one target each ("one", "two"):
+    both deliver the sink's one lane (until the replicas' claims split shared targets, one
+    target per daemon keeps each change recorded once)."""
+    configs = {}
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        path = write_config(
+            tmp_path / name, sim, interval=interval, storage_url=postgres_url, extra=sink
+        )
+        path.write_text(path.read_text().replace('name = "prod"', f'name = "{name}"'))
+        configs[name] = path
+    return configs
+
+
+def _stop_all(daemons: dict[str, subprocess.Popen[bytes]]) -> None:
+    for daemon in daemons.values():
+        if daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=15)
+
+
+@pytest.mark.slow
+def test_two_replicas_through_a_sink_outage_deliver_every_alert_once(
+    postgres_url: str, tmp_path: Path, receivers: Callable[[], Receiver]
+) -> None:
+    receiver = receivers()
+    receiver.stop()  # refusing from the start
+    sink = f'[[sinks]]\ntype = "webhook"\nurl = "{receiver.url}"\nmax_backoff = "1s"\n'
+    with SimulatedGenAuth(access_key_secret=SECRET) as sim:
+        configs = _replica_configs(tmp_path, sim, postgres_url, sink, "1s")
+        daemons = {}
+        engine = create_store_engine(postgres_url)
+        upgrade(engine)  # read before the first replica has migrated it
+        queries = Queries(engine)
+
+        def recorded(kind: str) -> int:
+            return len(queries.events(kinds=(kind,)))
+
+        def recorded_is(kind: str, count: int) -> Callable[[], bool]:
+            return lambda: recorded(kind) == count
+
+        try:
+            daemons["one"] = _daemon(configs["one"], tmp_path / "one.log")
+            wait_for(lambda: recorded("first_seen") == 1, what="one up")
+            daemons["two"] = _daemon(configs["two"], tmp_path / "two.log")
+            wait_for(lambda: recorded("first_seen") == 2, what="two up")
+            for round_ in (1, 2, 3):  # each change seen by both replicas, while the sink is down
+                for enabled, kind in ((False, "provider_disabled"), (True, "provider_enabled")):
+                    data = sim.data
+                    data["enabled"] = enabled
+                    sim.set_data(data)
+                    wait_for(recorded_is(kind, 2 * round_), what=kind)
+            receiver.start()
+            outbox = Outbox(engine)
+            wait_for(lambda: not outbox.pending(), timeout=60, what="every alert delivered")
+        finally:
+            _stop_all(daemons)
+        events = list(reversed(queries.events()))
+        engine.dispose()
+        for name in daemons:  # both tried the sink while it was down
+            assert "alert delivery failed" in (tmp_path / f"{name}.log").read_text(), name
+        assert len(events) == 14
+        sent = [body["id"] for body in receiver.bodies()]
+        assert sorted(sent) == sorted(e.id for e in events), "each alert exactly once"
+        for target in ("one", "two"):  # and in order per target
+            mine = [body["kind"] for body in receiver.bodies() if body["target"] == target]
+            assert mine == ["first_seen", *["provider_disabled", "provider_enabled"] * 3]
+
+
 @pytest.mark.slow
 def test_a_replica_killed_mid_delivery_leaves_the_alert_to_the_other(
     postgres_url: str, tmp_path: Path, receivers: Callable[[], Receiver]
@@ -250,14 +323,7 @@ def test_a_replica_killed_mid_delivery_leaves_the_alert_to_the_other(
     receiver = receivers()
     sink = f'[[sinks]]\ntype = "webhook"\nurl = "{receiver.url}"\ntimeout = "5s"\n'
     with SimulatedGenAuth(access_key_secret=SECRET) as sim:
-        configs = {}
-        for name in ("one", "two"):  # one target each: both deliver the sink's one lane
-            (tmp_path / name).mkdir()
-            path = write_config(
-                tmp_path / name, sim, interval="1h", storage_url=postgres_url, extra=sink
-            )
-            path.write_text(path.read_text().replace('name = "prod"', f'name = "{name}"'))
-            configs[name] = path
+        configs = _replica_configs(tmp_path, sim, postgres_url, sink, "1h")
         daemons = {"one": _daemon(configs["one"], tmp_path / "one.log")}
         engine = create_store_engine(postgres_url)
         try:
@@ -280,10 +346,7 @@ def test_a_replica_killed_mid_delivery_leaves_the_alert_to_the_other(
             out = run_main("alerts", "pending", "-c", str(config), "--json", env=_env())
             assert json.loads(out.stdout) == []
         finally:
-            for daemon in daemons.values():
-                if daemon.poll() is None:
-                    daemon.send_signal(signal.SIGTERM)
-                    daemon.wait(timeout=15)
+            _stop_all(daemons)
             engine.dispose()
         bodies = receiver.bodies()
         assert [(b["target"], b["kind"]) for b in bodies] == [
