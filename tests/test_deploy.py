@@ -710,6 +710,23 @@ def test_systemd_example_config_and_env_file(tmp_path: Path) -> None:
     assert _check_config(text, env, tmp_path).targets
 
 
+def test_systemd_example_on_postgresql_for_replicas(tmp_path: Path) -> None:
+    """The commented PostgreSQL alternative (replicas on several hosts) loads as it says."""
+    env: dict[str, str] = {}
+    for line in (SYSTEMD / "env.example").read_text(encoding="utf-8").splitlines():
+        line = line.removeprefix("# ") if line.startswith("# GENAUTH_MONITOR_DATABASE") else line
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            env[key] = value
+    text = (SYSTEMD / "genauth-monitor.toml").read_text(encoding="utf-8")
+    sqlite = 'url = "sqlite:////var/lib/genauth-monitor/genauth-monitor.db"\n'
+    alternative = '# url_env = "GENAUTH_MONITOR_DATABASE_URL"\n'
+    assert sqlite in text and alternative in text
+    text = text.replace(sqlite, "").replace(alternative, alternative.removeprefix("# "))
+    settings = _check_config(text, env, tmp_path)
+    assert not settings.storage.is_sqlite
+
+
 def _systemd_analyze() -> str:
     path = shutil.which("systemd-analyze")
     if path is None:
