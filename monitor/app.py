@@ -57,8 +57,7 @@ class Runtime:
     pollers: dict[str, TargetPoller] = field(default_factory=dict)
 
 
-def _sink(sink: SinkSettings, session: requests.Session) -> Sink:
-    url = sink.url
+def _sink(sink: SinkSettings, session: requests.Session, url: str) -> Sink:
     if sink.type == "webhook":
         secret = sink.secret.get_secret_value() if sink.secret is not None else None
         return WebhookSink(
@@ -72,9 +71,17 @@ def _sink(sink: SinkSettings, session: requests.Session) -> Sink:
 def _delivery(
     settings: Settings, engine: Engine, metrics: Metrics, clock: Clock, session: requests.Session
 ) -> DeliveryWorker:
+    # One lane per URL of a sink (an alertmanager sink may list several).
     policies = [
-        SinkPolicy(_sink(sink, session), sink.max_backoff, sink.repeat_interval)
+        SinkPolicy(
+            _sink(sink, session, url),
+            sink.max_backoff,
+            sink.repeat_interval,
+            lane=lane,
+            timeout=sink.timeout,
+        )
         for sink in settings.sinks
+        for lane, url in enumerate(sink.lane_urls)
     ]
     return DeliveryWorker(
         outbox=Outbox(engine),
@@ -106,7 +113,7 @@ def build_runtime(
     metrics = Metrics(registry)
     sink_session = bounded_session()
     delivery = _delivery(settings, engine, metrics, clock, sink_session)
-    routes = [SinkRoute(s.name, s.min_severity, s.kinds) for s in settings.sinks]
+    routes = [SinkRoute(s.name, s.min_severity, s.kinds, len(s.lane_urls)) for s in settings.sinks]
     runtime = Runtime(
         settings=settings,
         store=Store(engine, routes=routes, on_outbox=delivery.wake),

@@ -410,6 +410,7 @@ def _cmd_alerts_pending(args: argparse.Namespace) -> int:
                     "id": r.id,
                     "status": r.status,
                     "sink": r.sink,
+                    "lane": r.lane,  # which of the sink's URLs (0 for a sink with one)
                     "attempts": r.attempts,
                     "next_attempt_at": format_time(r.next_attempt_at),
                     "last_error": r.last_error,
@@ -427,7 +428,7 @@ def _cmd_alerts_pending(args: argparse.Namespace) -> int:
                     [
                         str(r.id),
                         r.status,
-                        r.sink,
+                        r.sink + (f"#{r.lane}" if r.lane else ""),  # as in the thread names
                         r.event.target,
                         r.event.kind,
                         str(r.attempts),

@@ -20,6 +20,12 @@ class Receiver:
         # time), for the lane tests. 0 answers at once.
         self.drip = 0.0
         self.received_at: list[float] = []  # wall-clock time of each recorded request
+        # While closed (``hold``), each request waits for ``release`` and is then refused with
+        # a 503, unrecorded: a sink that has the request but has not accepted it. ``held``
+        # counts the requests that waited.
+        self._gate = threading.Event()
+        self._gate.set()
+        self.held = 0
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self.port = 0
@@ -35,6 +41,14 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if not receiver._gate.is_set():
+                    with receiver._lock:
+                        receiver.held += 1
+                    receiver._gate.wait()
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 with receiver._lock:
                     status, drip = receiver.status, receiver.drip
                     if status < 300 and not drip:
@@ -64,7 +78,19 @@ class Receiver:
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         ).start()
 
+    @property
+    def base_url(self) -> str:
+        """The receiver as an Alertmanager's base URL (it takes a POST to any path)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def hold(self) -> None:
+        self._gate.clear()
+
+    def release(self) -> None:
+        self._gate.set()
+
     def stop(self) -> None:
+        self.release()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -151,3 +151,59 @@ def test_the_event_id_is_an_annotation_never_a_label() -> None:
         assert set(alert["labels"]) == {"alertname", "target", "severity", "kind"}
         values = [*alert["labels"].values()]
         assert event.id not in values and str(event.row_id) not in values
+
+
+@pytest.mark.slow
+def test_each_member_of_an_alertmanager_cluster_gets_every_alert_one_down_or_not(
+    db_url: str, tmp_path: Path
+) -> None:
+    members = []
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        members.append(Alertmanager(tmp_path / name))
+    up, down = members
+    down.stop()
+    try:
+        with SimulatedGenAuth(access_key_secret=SECRET) as sim:
+            settings = runtime_settings(
+                db_url,
+                sim,
+                tmp_path,
+                sinks=[
+                    {
+                        "type": "alertmanager",
+                        "urls": [up.url, down.url],
+                        "min_severity": "warning",
+                        "max_backoff": "0.5s",
+                    }
+                ],
+            )
+            runtime = build_runtime(settings)
+            poller = runtime.pollers["prod"]
+            poller.poll()
+            data = sim.data
+            data["enabled"] = False
+            sim.set_data(data)
+            poller.poll()
+            assert runtime.delivery.drain(timeout=2) == 1, "the down member's row waits"
+            [alert] = wait_for(lambda: _alerts(up.url), what="alert on the member that is up")
+            assert set(alert["labels"]) == {"alertname", "target", "severity", "kind"}
+
+            down.start()  # back, with empty storage
+            assert runtime.delivery.drain(timeout=10) == 0
+            [same] = wait_for(lambda: _alerts(down.url), what="alert on the member back")
+            assert same["labels"] == alert["labels"]
+            assert same["annotations"]["event_id"] == alert["annotations"]["event_id"]
+
+            data["enabled"] = True
+            sim.set_data(data)
+            poller.poll()
+            assert runtime.delivery.drain(timeout=10) == 0
+            wait_for(
+                lambda: not any(_alerts(member.url) for member in members),
+                what="resolved on every member",
+            )
+            runtime.store.engine.dispose()
+    finally:
+        for member in members:
+            member.stop()

@@ -189,7 +189,10 @@ def test_pending_delivery_survives_sigkill(tmp_path: Path, receiver: Receiver) -
         config = write_config(
             tmp_path,
             sim,
-            extra=f'[[sinks]]\ntype = "webhook"\nurl = "{receiver.url}"\nmax_backoff = "1s"\n',
+            # A short sink timeout: a daemon killed mid-send holds the lane's lease for the
+            # timeout plus 5 s, and the next one waits for it to run out.
+            extra=f'[[sinks]]\ntype = "webhook"\nurl = "{receiver.url}"\nmax_backoff = "1s"\n'
+            'timeout = "2s"\n',
         )
         env = {**os.environ, "GM_TEST_SECRET": SECRET, "GM_TEST_API_TOKEN": "t"}
         receiver.status = 503
@@ -470,7 +473,9 @@ def test_a_sink_asking_to_slow_down_gets_the_alert_later(
         worker = runtime.delivery
         receiver.status = status
         runtime.pollers["prod"].poll()
-        assert worker.drain(timeout=0.8) == 1  # retried every 0.05 to 0.1 s meanwhile
+        # Retried every 0.05 to 0.1 s meanwhile (each attempt takes and gives back the lane:
+        # two more small writes, so on a loaded machine give it time for a few).
+        assert worker.drain(timeout=2.0) == 1
         [row] = runtime_pending_all(runtime)
         assert row.status == "pending" and row.attempts > REJECT_AFTER, row
         assert row.last_error == f"HTTP {status}"

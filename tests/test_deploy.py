@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
 KUBERNETES = DEPLOY / "kubernetes"
+REPLICAS = KUBERNETES / "replicas"  # two pods on PostgreSQL (SPEC §10)
 SYSTEMD = DEPLOY / "systemd"
 RULES = PROMETHEUS / "rules.yml"
 DASHBOARD = DEPLOY / "grafana" / "genauth-monitor.json"
@@ -80,6 +81,9 @@ K8S_CORE_FILES = (
     "persistentvolumeclaim.yaml",
     "deployment.yaml",
     "service.yaml",
+    "replicas/configmap.yaml",
+    "replicas/deployment.yaml",
+    "replicas/poddisruptionbudget.yaml",
 )
 
 
@@ -164,24 +168,58 @@ def test_rule_expressions() -> None:
     def expr(name: str) -> str:
         return " ".join(rules[name]["expr"].split())
 
-    assert expr("GenAuthEmailProviderDisabled") == "genauth_email_provider_enabled == 0"
+    # Replicas (SPEC §10): state gauges by max, counters' increases summed, per target.
+    assert (
+        expr("GenAuthEmailProviderDisabled")
+        == "max by (target) (genauth_email_provider_enabled) == 0"
+    )
     # Fires on the first evaluation: a disabled provider is a stored upstream state.
     assert rules["GenAuthEmailProviderDisabled"].get("for", "0s") in ("0s", "0m")
-    assert expr("GenAuthEmailProviderBaselineDrift") == "genauth_email_provider_drift == 1"
+    assert (
+        expr("GenAuthEmailProviderBaselineDrift")
+        == "max by (target) (genauth_email_provider_drift) == 1"
+    )
     for name, kind in (
         ("GenAuthEmailProviderTypeChanged", "type_changed"),
         ("GenAuthEmailProviderDeliveryChanged", "delivery_changed"),
     ):
         selector = f'genauth_email_provider_changes_total{{kind="{kind}"}}'
-        assert f"increase({selector}[15m]) > 0" in expr(name)
+        assert f"sum by (target) (increase({selector}[15m])) > 0" in expr(name)
+        # A series first seen already counted, per replica's series (before aggregating).
+        assert f"max by (target) ( {selector} > 0 unless {selector} offset 15m )" in expr(name)
         assert rules[name]["labels"]["kind"] == kind
-    assert expr("GenAuthMonitorPollFailing") == "genauth_monitor_up == 0"
+    assert expr("GenAuthMonitorPollFailing") == "max by (target) (genauth_monitor_up) == 0"
     assert rules["GenAuthMonitorPollFailing"]["for"] == "5m"
-    assert "time() - genauth_monitor_last_success_timestamp_seconds >" in expr(
-        "GenAuthMonitorStale"
+    assert "time() - max by (target) (genauth_monitor_last_success_timestamp_seconds) >" in (
+        expr("GenAuthMonitorStale")
     )
     assert 'absent(up{job="genauth-monitor"})' in expr("GenAuthMonitorAbsent")
-    assert 'up{job="genauth-monitor"} == 0' in expr("GenAuthMonitorAbsent")
+    assert 'max(up{job="genauth-monitor"}) == 0' in expr("GenAuthMonitorAbsent"), "none up"
+    for rule in rules.values():
+        _assert_aggregated(rule["expr"])
+
+
+_AGGREGATION = re.compile(r"\b(?:max|sum)(?:\s+by\s*\([^()]*\))?\s*$")
+
+
+def _assert_aggregated(expr: str, exempt: frozenset[str] = frozenset()) -> None:
+    """Every genauth metric of ``expr`` is inside a ``max``/``sum`` (by ...) aggregation, so
+    the series of two replicas (their ``instance`` labels) count once."""
+    for match in re.finditer(r"\bgenauth_[a-z0-9_]+", expr):
+        if match.group() in exempt:
+            continue
+        depth, index = 0, match.start()
+        while index > 0:
+            index -= 1
+            if expr[index] == ")":
+                depth += 1
+            elif expr[index] == "(":
+                if depth:
+                    depth -= 1
+                elif _AGGREGATION.search(expr[:index]):
+                    break
+        else:
+            raise AssertionError(f"{match.group()} is not aggregated over replicas in: {expr}")
 
 
 def test_rule_unit_tests_cover_firing_and_quiet_cases_of_every_rule() -> None:
@@ -278,6 +316,8 @@ def test_grafana_dashboard_is_sane() -> None:
         "genauth_monitor_poll_duration_seconds_bucket",
     ):
         assert needed in used, f"the dashboard does not show {needed}"
+    for query in _dashboard_queries(dashboard):  # replicas: each target counted once
+        _assert_aggregated(query, exempt=frozenset({"genauth_monitor_build_info"}))
     queries = "\n".join(_dashboard_queries(dashboard))
     assert 'outcome!="success"' in queries
     assert 'genauth_monitor_alert_deliveries_total{outcome="failed"}' in queries
@@ -434,7 +474,19 @@ def test_deployment_runs_one_hardened_replica() -> None:
     deployment = _k8s("deployment.yaml")
     spec = deployment["spec"]
     assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
-    pod = spec["template"]["spec"]
+    pod = _hardened_pod(deployment)
+    (container,) = pod["containers"]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    state = next(m for m in mounts.values() if m["mountPath"] == "/var/lib/genauth-monitor")
+    claim = volumes[state["name"]]["persistentVolumeClaim"]["claimName"]
+    assert claim == _k8s("persistentvolumeclaim.yaml")["metadata"]["name"]
+
+
+def _hardened_pod(deployment: dict[str, Any]) -> dict[str, Any]:
+    """The pod spec of ``deployment``, checked: non-root, read-only, probes, config, Secret."""
+    spec = deployment["spec"]
+    pod: dict[str, Any] = spec["template"]["spec"]
     assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0
@@ -458,10 +510,64 @@ def test_deployment_runs_one_hardened_replica() -> None:
     assert volumes[config_volume]["configMap"]["name"] == configmap["metadata"]["name"]
     assert mounts[config_volume]["mountPath"] == "/etc/genauth-monitor"
     assert mounts[config_volume]["readOnly"] is True
-    state = next(m for m in mounts.values() if m["mountPath"] == "/var/lib/genauth-monitor")
-    claim = volumes[state["name"]]["persistentVolumeClaim"]["claimName"]
-    assert claim == _k8s("persistentvolumeclaim.yaml")["metadata"]["name"]
     assert any(m["mountPath"] == "/tmp" for m in mounts.values())
+    return pod
+
+
+def test_replicas_deployment_is_the_single_one_with_two_replicas_on_postgresql() -> None:
+    replicas = _k8s("replicas/deployment.yaml")
+    spec = replicas["spec"]
+    assert spec["replicas"] == 2
+    # A rollout starts a new pod before it stops an old one: never fewer than two.
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    pod = _hardened_pod(replicas)
+    assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v], "no shared file"
+    (spread,) = pod["topologySpreadConstraints"]
+    assert spread["labelSelector"]["matchLabels"].items() <= (
+        spec["template"]["metadata"]["labels"].items()
+    )
+    # Everything else as in the one-replica Deployment, so the two cannot drift apart.
+    expected = _k8s("deployment.yaml")
+    expected["spec"]["replicas"] = 2
+    expected["spec"]["strategy"] = spec["strategy"]
+    expected["spec"]["template"]["spec"]["topologySpreadConstraints"] = [spread]
+    for volume in expected["spec"]["template"]["spec"]["volumes"]:
+        if "persistentVolumeClaim" in volume:
+            del volume["persistentVolumeClaim"]
+            volume["emptyDir"] = {"sizeLimit": "16Mi"}
+    assert replicas == expected
+
+
+def test_replicas_pod_disruption_budget_keeps_one_replica() -> None:
+    budget = _k8s("replicas/poddisruptionbudget.yaml")
+    assert budget["apiVersion"] == "policy/v1" and budget["kind"] == "PodDisruptionBudget"
+    assert budget["spec"]["minAvailable"] == 1
+    pod_labels = _k8s("replicas/deployment.yaml")["spec"]["template"]["metadata"]["labels"]
+    assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert _k8s("replicas/deployment.yaml")["spec"]["replicas"] > budget["spec"]["minAvailable"]
+
+
+def test_replicas_kustomization_and_configuration(tmp_path: Path) -> None:
+    resources = _k8s("replicas/kustomization.yaml")["resources"]
+    assert set(resources) == {p.name for p in REPLICAS.glob("*.yaml")} - {"kustomization.yaml"}
+    secret = _k8s("secret.example.yaml")["stringData"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    single = _check_config(_k8s("configmap.yaml")["data"]["genauth-monitor.toml"], secret, one)
+    text = _k8s("replicas/configmap.yaml")["data"]["genauth-monitor.toml"]
+    settings = _check_config(text, secret, two)
+    assert not settings.storage.is_sqlite, "replicas share a PostgreSQL database"
+    assert tomllib.loads(text)["storage"] == {"url_env": "GENAUTH_MONITOR_DATABASE_URL"}
+    for part in ("monitor", "server", "targets", "sinks"):
+        assert getattr(settings, part) == getattr(single, part), part
+    # The Service (and so the ServiceMonitor) of ../ selects the replicas too.
+    service = _k8s("service.yaml")
+    pod_labels = _k8s("replicas/deployment.yaml")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
 
 
 def _check_config(text: str, env: dict[str, str], tmp_path: Path) -> Any:
@@ -602,6 +708,23 @@ def test_systemd_example_config_and_env_file(tmp_path: Path) -> None:
             env[key] = value
     text = (SYSTEMD / "genauth-monitor.toml").read_text(encoding="utf-8")
     assert _check_config(text, env, tmp_path).targets
+
+
+def test_systemd_example_on_postgresql_for_replicas(tmp_path: Path) -> None:
+    """The commented PostgreSQL alternative (replicas on several hosts) loads as it says."""
+    env: dict[str, str] = {}
+    for line in (SYSTEMD / "env.example").read_text(encoding="utf-8").splitlines():
+        line = line.removeprefix("# ") if line.startswith("# GENAUTH_MONITOR_DATABASE") else line
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            env[key] = value
+    text = (SYSTEMD / "genauth-monitor.toml").read_text(encoding="utf-8")
+    sqlite = 'url = "sqlite:////var/lib/genauth-monitor/genauth-monitor.db"\n'
+    alternative = '# url_env = "GENAUTH_MONITOR_DATABASE_URL"\n'
+    assert sqlite in text and alternative in text
+    text = text.replace(sqlite, "").replace(alternative, alternative.removeprefix("# "))
+    settings = _check_config(text, env, tmp_path)
+    assert not settings.storage.is_sqlite
 
 
 def _systemd_analyze() -> str:

@@ -217,19 +217,25 @@ class TargetSettings(_Model):
         return own if own is not None else monitor.max_response_bytes
 
 
-class SinkSettings(_Model):
-    """``[[sinks]]``: where alerts go. The URL may be secret (Slack), so it is never printed."""
+MAX_SINK_URLS: Final = 16  # Alertmanagers of one sink: each is a delivery lane (a thread)
+_URL_KEYS: Final = ("url_env", "url_file", "url")
 
-    _sources = (
-        Source("url", required=True, placeholder="https://not-read.invalid/"),
-        Source("secret"),
-    )
+
+class SinkSettings(_Model):
+    """``[[sinks]]``: where alerts go. The URL may be secret (Slack), so it is never printed.
+
+    An ``alertmanager`` sink may give ``urls`` (every Alertmanager of a cluster, each sent
+    every alert) instead of ``url``; ``url`` is then the first of them."""
+
+    _url_source: ClassVar = Source("url", required=True, placeholder="https://not-read.invalid/")
+    _sources = (_url_source, Source("secret"))
 
     type: Literal["webhook", "alertmanager", "slack"]
     name: Name
     url: HttpUrl = Field(repr=False)
     url_env: EnvName | None = None
     url_file: ConfigPath | None = None
+    urls: tuple[HttpUrl, ...] | None = Field(default=None, repr=False)
     secret_env: EnvName | None = None
     secret_file: ConfigPath | None = None
     secret: Secret | None = None
@@ -248,13 +254,56 @@ class SinkSettings(_Model):
             for key in ("secret", "secret_env", "secret_file"):
                 if key in data:
                     found.problem(key, "only webhook sinks sign their requests")
-        super()._prepare(data, ctx, found)
+        several = data.get("urls") is not None
+        if several:
+            cls._several_urls(data, kind, found)
+        elif kind == "alertmanager" and not any(data.get(key) is not None for key in _URL_KEYS):
+            found.problem("url", "required key is missing (set url_env, url_file, url or urls)")
+            found.superseded.add("url")
+            several = True  # nothing for the url source to read
+        for source in cls._sources:
+            if not (several and source is cls._url_source):
+                source.read(data, ctx, found)
+
+    @classmethod
+    def _several_urls(cls, data: dict[str, Any], kind: Any, found: Found) -> None:
+        """``urls`` instead of ``url``: only on an alertmanager sink, never beside ``url``."""
+        given = [key for key in _URL_KEYS if data.get(key) is not None]
+        if given:
+            found.problem("urls", f"give either urls or {given[0]}, not both")
+        if kind != "alertmanager":
+            found.problem("urls", "only alertmanager sinks take several URLs (use url)")
+        urls = data["urls"]
+        # ``url`` is the first of them (for what shows a sink's URL); its errors are those of
+        # urls[0], reported there.
+        found.superseded.add("url")
+        first = urls[0] if isinstance(urls, list | tuple) and urls else None
+        data["url"] = first if isinstance(first, str) else "https://not-read.invalid/"
+
+    @field_validator("urls")
+    @classmethod
+    def _one_to_sixteen_distinct(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return value
+        if not 1 <= len(value) <= MAX_SINK_URLS:
+            raise ValueError(f"must list 1 to {MAX_SINK_URLS} URLs")
+        if len(set(value)) != len(value):
+            raise ValueError("lists one URL twice (each gets every alert once)")
+        return value
+
+    @property
+    def lane_urls(self) -> tuple[str, ...]:
+        """Each URL alerts go to: one delivery lane each, in the order given."""
+        return self.urls if self.urls is not None else (self.url,)
 
     @property
     def display_url(self) -> str:
         """Scheme and host only: the path of a Slack or webhook URL is often a credential."""
-        parts = urlsplit(self.url)
-        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/..."
+        shown = []
+        for url in self.lane_urls:
+            parts = urlsplit(url)
+            shown.append(f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/...")
+        return ", ".join(shown)
 
 
 class ClusterSettings(_Model):

@@ -43,6 +43,7 @@ class SinkRoute:
     name: str
     min_severity: str = "info"
     kinds: tuple[str, ...] = ()
+    lanes: int = 1  # the sink's URLs: each gets its own outbox row of every event
 
     def accepts(self, kind: str, severity: str) -> bool:
         # A resolution goes wherever its alert went, even to sinks that list only the alert

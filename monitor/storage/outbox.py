@@ -1,4 +1,9 @@
-"""The alert outbox: rows to deliver per sink, their attempts, and what is still firing."""
+"""The alert outbox: rows to deliver per lane, their attempts, and what is still firing.
+
+A *lane* is one URL of one sink, ``(sink, index)``: a sink with one URL has lane 0, an
+``alertmanager`` sink with ``urls = [...]`` one lane per URL, each with its own rows, so a dead
+Alertmanager holds back no healthy one. Who may send a lane's rows is decided by its lease
+(:mod:`monitor.storage.lanes`); this module only reads and marks rows."""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Engine, and_, func, insert, select, update
+from sqlalchemy import ColumnElement, Engine, and_, false, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -17,7 +22,9 @@ from monitor.storage.engine import WRITE, connect, describe_error
 from monitor.storage.queries import EventView, event_select, event_view
 from monitor.storage.schema import events, outbox
 
-__all__ = ["Outbox", "PendingDelivery", "enqueue"]
+__all__ = ["Lane", "Outbox", "PendingDelivery", "enqueue"]
+
+Lane = tuple[str, int]  # (sink name, index of its URL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +32,7 @@ class PendingDelivery:
     id: int
     status: str  # pending | rejected
     sink: str
+    lane: int
     attempts: int
     next_attempt_at: datetime
     last_error: str | None
@@ -40,11 +48,13 @@ def enqueue(
     routes: Iterable[SinkRoute],
     now: datetime,
 ) -> int:
-    """Outbox rows for every sink that wants this event, in the caller's transaction."""
+    """Outbox rows for every lane of every sink that wants this event, in the caller's
+    transaction."""
     rows = [
         {
             "event_id": event_id,
             "sink": route.name,
+            "lane": lane,
             "status": "pending",
             "attempts": 0,
             "created_at": now,
@@ -52,6 +62,7 @@ def enqueue(
         }
         for route in routes
         if route.accepts(kind, severity)
+        for lane in range(route.lanes)
     ]
     if rows:
         connection.execute(insert(outbox), rows)
@@ -66,13 +77,13 @@ class Outbox:
         self._writer = engine.execution_options(**{WRITE: True})
 
     def due(
-        self, sink: str, now: datetime, limit: int = 20, *, max_wait: float | None = None
+        self, lane: Lane, now: datetime, limit: int = 20, *, max_wait: float | None = None
     ) -> list[PendingDelivery]:
-        """The oldest pending rows of ``sink`` if its oldest is due (order is kept per sink).
+        """The oldest pending rows of ``lane`` if its oldest is due (order is kept per lane).
 
         A due time more than ``max_wait`` seconds ahead (the sink's backoff cap) was stored by
         a clock that has since jumped back: it counts as due now."""
-        rows = self._pending(sink=sink, limit=limit)
+        rows = self._pending(sink=lane[0], lane=lane[1], limit=limit)
         if not rows:
             return []
         ahead = (rows[0].next_attempt_at - now).total_seconds()
@@ -86,38 +97,37 @@ class Outbox:
         """Rows not delivered yet; with ``rejected`` also those set aside as refused."""
         return self._pending(sink=sink, limit=limit, rejected=rejected)
 
-    def pending_count(self, sinks: Collection[str]) -> int:
-        """Rows still to deliver to these sinks (rows of a sink no longer configured wait
-        for it to come back and are not counted)."""
-        with self._connect() as c:
-            count = c.execute(
-                select(func.count())
-                .select_from(outbox)
-                .where(outbox.c.status == "pending", outbox.c.sink.in_(list(sinks)))
-            ).scalar_one()
-            return int(count)
+    def pending_count(self, lanes: Collection[Lane]) -> int:
+        """Rows still to deliver on these lanes (rows of a sink or URL no longer configured
+        wait for it to come back and are not counted)."""
+        return sum(self.pending_counts(lanes).values())
 
-    def pending_counts(self, sinks: Collection[str]) -> dict[str, int]:
-        """Rows still to deliver, per sink (0 for a sink with none)."""
+    def pending_counts(self, lanes: Collection[Lane]) -> dict[str, int]:
+        """Rows still to deliver on these lanes, per sink (0 for a sink with none): the
+        metrics keep the sink's name, whatever its URLs."""
         with self._connect() as c:
             rows = c.execute(
                 select(outbox.c.sink, func.count())
-                .where(outbox.c.status == "pending", outbox.c.sink.in_(list(sinks)))
+                .where(outbox.c.status == "pending", _on_lanes(lanes))
                 .group_by(outbox.c.sink)
             ).all()
-        counts = dict.fromkeys(sinks, 0)
+        counts = dict.fromkeys((sink for sink, _ in lanes), 0)
         counts.update({sink: int(count) for sink, count in rows})
         return counts
 
-    def next_due(self, sinks: Collection[str]) -> datetime | None:
-        """When the next delivery attempt is due: the earliest *head* of a sink's queue (rows
-        behind a sink's oldest wait for it, whatever their own time says)."""
+    def next_due(self, lanes: Collection[Lane]) -> datetime | None:
+        """When the next delivery attempt is due: the earliest *head* of a lane's queue (rows
+        behind a lane's oldest wait for it, whatever their own time says)."""
         heads = []
         with self._connect() as c:
-            for sink in sinks:
+            for sink, lane in lanes:
                 head = c.execute(
                     select(outbox.c.next_attempt_at)
-                    .where(outbox.c.status == "pending", outbox.c.sink == sink)
+                    .where(
+                        outbox.c.status == "pending",
+                        outbox.c.sink == sink,
+                        outbox.c.lane == lane,
+                    )
                     .order_by(outbox.c.id)
                     .limit(1)
                 ).scalar()
@@ -138,10 +148,13 @@ class Outbox:
                 ).scalars()
             )
 
+    # The marks below change a row only while it is pending: a holder that lost its lane
+    # mid-send must not undo what the new holder did with the row.
+
     def delivered(self, row_id: int, now: datetime) -> None:
         self._write(
             update(outbox)
-            .where(outbox.c.id == row_id)
+            .where(outbox.c.id == row_id, outbox.c.status == "pending")
             .values(
                 status="delivered",
                 delivered_at=now,
@@ -153,7 +166,7 @@ class Outbox:
     def failed(self, row_id: int, error: str, retry_at: datetime) -> None:
         self._write(
             update(outbox)
-            .where(outbox.c.id == row_id)
+            .where(outbox.c.id == row_id, outbox.c.status == "pending")
             .values(
                 attempts=outbox.c.attempts + 1, last_error=error[:500], next_attempt_at=retry_at
             )
@@ -163,7 +176,7 @@ class Outbox:
         """Set aside a row its sink keeps refusing, so the rows behind it can go."""
         self._write(
             update(outbox)
-            .where(outbox.c.id == row_id)
+            .where(outbox.c.id == row_id, outbox.c.status == "pending")
             .values(
                 status="rejected",
                 attempts=outbox.c.attempts + 1,
@@ -218,21 +231,26 @@ class Outbox:
         firing = [row for row in newest.values() if row.kind in FAMILIES]
         return sorted(firing, key=lambda r: r.row_id) + recent
 
-    def last_delivery(self, sink: str, event_id: int) -> tuple[str, datetime | None] | None:
+    def last_delivery(self, lane: Lane, event_id: int) -> tuple[str, datetime | None] | None:
         with self._connect() as c:
             row = c.execute(
                 select(outbox.c.status, outbox.c.delivered_at)
-                .where(outbox.c.sink == sink, outbox.c.event_id == event_id)
+                .where(
+                    outbox.c.sink == lane[0],
+                    outbox.c.lane == lane[1],
+                    outbox.c.event_id == event_id,
+                )
                 .order_by(outbox.c.id.desc())
                 .limit(1)
             ).first()
         return (row.status, row.delivered_at) if row is not None else None
 
-    def requeue(self, sink: str, event_id: int, now: datetime) -> None:
+    def requeue(self, lane: Lane, event_id: int, now: datetime) -> None:
         self._write(
             insert(outbox).values(
                 event_id=event_id,
-                sink=sink,
+                sink=lane[0],
+                lane=lane[1],
                 status="pending",
                 attempts=0,
                 created_at=now,
@@ -241,7 +259,7 @@ class Outbox:
         )
 
     def _pending(
-        self, *, sink: str | None, limit: int, rejected: bool = False
+        self, *, sink: str | None, limit: int, rejected: bool = False, lane: int | None = None
     ) -> list[PendingDelivery]:
         statuses = ("pending", "rejected") if rejected else ("pending",)
         query = (
@@ -250,6 +268,7 @@ class Outbox:
                 outbox.c.id.label("outbox_id"),
                 outbox.c.status.label("outbox_status"),
                 outbox.c.sink,
+                outbox.c.lane,
                 outbox.c.attempts,
                 outbox.c.next_attempt_at,
                 outbox.c.last_error,
@@ -261,12 +280,15 @@ class Outbox:
         )
         if sink is not None:
             query = query.where(outbox.c.sink == sink)
+        if lane is not None:
+            query = query.where(outbox.c.lane == lane)
         with self._connect() as c:
             return [
                 PendingDelivery(
                     id=r.outbox_id,
                     status=r.outbox_status,
                     sink=r.sink,
+                    lane=r.lane,
                     attempts=r.attempts,
                     next_attempt_at=r.next_attempt_at,
                     last_error=r.last_error,
@@ -284,3 +306,13 @@ class Outbox:
                 return int(c.execute(statement).rowcount)  # type: ignore[call-overload]
         except SQLAlchemyError as exc:
             raise StorageError(describe_error(exc)) from None
+
+
+def _on_lanes(lanes: Collection[Lane]) -> ColumnElement[bool]:
+    """Rows of these lanes (a sink's lanes are 0 to n-1: one bound per sink)."""
+    last: dict[str, int] = {}
+    for sink, lane in lanes:
+        last[sink] = max(lane, last.get(sink, -1))
+    if not last:
+        return false()
+    return or_(*(and_(outbox.c.sink == s, outbox.c.lane <= n) for s, n in last.items()))

@@ -24,6 +24,7 @@ from sqlalchemy import (
 __all__ = [
     "ID",
     "UTCDateTime",
+    "delivery_lanes",
     "events",
     "meta",
     "metadata",
@@ -160,14 +161,28 @@ outbox = Table(
     Column("id", ID, primary_key=True, autoincrement=True),
     Column("event_id", ID, ForeignKey("events.id"), nullable=False),
     Column("sink", String(128), nullable=False),
-    Column("status", String(16), nullable=False),  # pending | delivered
+    # Which of the sink's URLs (0 for a sink with one): each is a lane of its own (0006).
+    Column("lane", Integer, nullable=False, server_default="0"),
+    Column("status", String(16), nullable=False),  # pending | delivered | rejected
     Column("attempts", Integer, nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("next_attempt_at", UTCDateTime(), nullable=False),
     Column("delivered_at", UTCDateTime()),
     Column("last_error", Text),
-    Index(None, "status", "sink", "id"),
+    Index(None, "status", "sink", "lane", "id"),
     Index(None, "event_id"),
+)
+
+# One row per delivery lane (sink, URL index): who may send its rows, until when on the
+# database's clock (migration 0006). One holder at a time keeps a lane's order across replicas;
+# a holder that dies loses the lane when its lease ends (monitor/storage/lanes.py).
+delivery_lanes = Table(
+    "delivery_lanes",
+    metadata,
+    Column("sink", String(128), primary_key=True),
+    Column("lane", Integer, primary_key=True, autoincrement=False),
+    Column("holder", String(128)),
+    Column("lease_until", UTCDateTime()),
 )
 
 # The single row (id = 1) holding the end of the audit chain; locked by every append.
