@@ -27,14 +27,17 @@ from monitor.commands import AuditCommands
 from monitor.config import DEFAULT_UI_SESSION
 from monitor.errors import BadParameter, NotFound, StorageError
 from monitor.storage import Queries
+from monitor.storage.claims import Member
 from monitor.timeutil import Clock
 from monitor.views import (
+    ClusterOut,
     DiffOut,
     ErrorOut,
     EventOut,
     EventPage,
     KindName,
     ReadyOut,
+    ReplicaOut,
     SeverityName,
     SnapshotDocumentOut,
     SnapshotOut,
@@ -197,6 +200,13 @@ def diff_snapshots(
     return DiffOut.of(found.old, found.new, found.changes)
 
 
+@v1.get("/cluster", response_model=ClusterOut, responses=_errors(401, 503))
+def cluster(request: Request) -> ClusterOut:
+    """The live replicas sharing the database (on SQLite: this daemon alone)."""
+    name, members = request.app.state.cluster()
+    return ClusterOut(replica=name, replicas=[ReplicaOut.of(member) for member in members])
+
+
 def _error(status: int, text: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": text}, status, headers=dict(headers or {}))
 
@@ -235,11 +245,13 @@ def create_app(
     targets: Collection[str] = (),
     render: Callable[[], bytes] | None = None,
     ui_session: float = DEFAULT_UI_SESSION,
+    cluster: Callable[[], tuple[str, list[Member]]] | None = None,
 ) -> FastAPI:
     """The ASGI application. ``ready`` says whether the database and scheduler are fine;
     ``targets`` are the configured target names; ``render`` gives the /metrics text
     (``generate_latest(registry)`` by default); ``ui_session`` is how many seconds a login
-    to the web view lasts."""
+    to the web view lasts; ``cluster`` gives this replica's name and the live replicas
+    (default: none)."""
     app = FastAPI(
         title="genauth-monitor",
         version=__version__,
@@ -249,6 +261,7 @@ def create_app(
     app.state.commands = commands
     rendered = _Rendered(render or (lambda: generate_latest(registry)))
     app.state.api_token = api_token
+    app.state.cluster = cluster or (lambda: ("", []))
     app.state.ui = UiState.build(commands, api_token=api_token, lifetime=ui_session, clock=clock)
     _install_error_handlers(app)
 

@@ -7,8 +7,9 @@ import ctypes.util
 import functools
 import logging
 import threading
+import uuid
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, TextIO
 
 import requests
 from prometheus_client import CollectorRegistry, disable_created_metrics
@@ -18,6 +19,7 @@ from monitor import __version__
 from monitor.alerts import AlertmanagerSink, DeliveryWorker, Sink, SlackSink, WebhookSink
 from monitor.alerts.worker import SinkPolicy
 from monitor.api import create_app
+from monitor.cluster import LEASE, Cluster, default_replica_name, key_check
 from monitor.config import Settings, SinkSettings, TargetSettings
 from monitor.core.alerting import SinkRoute
 from monitor.genauth import GenAuthClient
@@ -29,7 +31,9 @@ from monitor.ratelimit import RateLimit
 from monitor.recorder import Recorder
 from monitor.scheduler import PollScheduler, ScheduledTarget
 from monitor.service import TargetPoller
+from monitor.startup import lock_sqlite
 from monitor.storage import Queries, Store, create_store_engine, upgrade
+from monitor.storage.claims import ClaimStore, Member, MirroredState
 from monitor.storage.outbox import Outbox
 from monitor.timeutil import Clock, utc_now
 
@@ -193,19 +197,46 @@ class Daemon:
 
     def __init__(self, settings: Settings, *, clock: Clock = utc_now) -> None:
         _return_big_buffers_to_the_os()
+        # SQLite has one daemon: a second one stops here, before it migrates anything.
+        self._sqlite_lock: TextIO | None = lock_sqlite(settings)
+        self._clock = clock
         self.recorder = Recorder()
         self.runtime = build_runtime(settings, clock=clock, recorder=self.recorder)
+        self.replica_name = settings.cluster.replica_name or default_replica_name()
         monitor = settings.monitor
+        intervals = {target.name: target.effective_interval(monitor) for target in settings.targets}
+        replicated = self.runtime.store.engine.dialect.name == "postgresql"
         self.scheduler = PollScheduler(
             [
-                ScheduledTarget(poller, target.effective_interval(monitor), monitor.jitter)
-                for target, poller in zip(
-                    settings.targets, self.runtime.pollers.values(), strict=True
-                )
+                ScheduledTarget(poller, intervals[name], monitor.jitter)
+                for name, poller in self.runtime.pollers.items()
             ],
             backoff_max=monitor.backoff_max,
             max_workers=POLL_WORKERS,
+            claimed=replicated,
         )
+        self.cluster: Cluster | None = None
+        if replicated:
+            self.cluster = Cluster(
+                claims=ClaimStore(
+                    self.runtime.store.engine,
+                    me=self.replica_name,
+                    instance=str(uuid.uuid4()),
+                    lease=LEASE,
+                ),
+                targets=intervals,
+                holder=self.scheduler,
+                key_check=key_check(fingerprint_key(settings)),
+                on_mirror=self._mirror,
+                on_beat=self._beat,
+                on_claimed=self._claimed,
+                clock=clock,
+            )
+            self.cluster.join()  # a live replica of the same name: ConfigError, exit 2
+        else:
+            self.runtime.metrics.set_cluster(
+                replica=self.replica_name, replicas=1, owned=len(intervals), skew=0.0
+            )
         self._probe = _DatabaseProbe(self.runtime.store)
         token = settings.server.api_token
         app = create_app(
@@ -218,8 +249,43 @@ class Daemon:
             targets=[target.name for target in settings.targets],
             render=self.runtime.metrics.render,
             ui_session=settings.server.ui_session,
+            cluster=self._members,
         )
         self.http = HttpServer(app, host=settings.server.host, port=settings.server.port)
+
+    # -- replicas ----------------------------------------------------------------------------
+
+    def _members(self) -> tuple[str, list[Member]]:
+        if self.cluster is not None:
+            return self.replica_name, self.cluster.members()
+        alone = Member(self.replica_name, self._clock(), sorted(self.runtime.pollers))
+        return self.replica_name, [alone]
+
+    def _beat(self, replicas: int, owned: int, skew: float) -> None:
+        self.runtime.metrics.set_cluster(
+            replica=self.replica_name, replicas=replicas, owned=owned, skew=skew
+        )
+
+    def _claimed(self, name: str) -> None:
+        """A target this replica now polls starts from what the previous owner recorded."""
+        poller = self.runtime.pollers[name]
+        poller.restore(self.runtime.store.ensure_target(name, now=self._clock()))
+
+    def _mirror(self, states: list[MirroredState]) -> None:
+        """The state gauges of the targets another replica polls, as the database has them."""
+        metrics = self.runtime.metrics
+        for state in states:
+            if state.hash is not None and state.enabled is not None:
+                metrics.set_config(
+                    state.name,
+                    enabled=state.enabled,
+                    provider_type=state.provider_type,
+                    hash_=state.hash,
+                    drift=state.drift,
+                )
+                metrics.set_last_change(state.name, state.last_change_at)
+            if state.up is not None:
+                metrics.set_up(state.name, state.up, state.last_success_at)
 
     def ready(self) -> tuple[bool, dict[str, bool]]:
         """Within a second, whatever the database does: a frozen one is "not ready"."""
@@ -232,11 +298,14 @@ class Daemon:
         self.recorder.start(self.runtime.store)
         self.runtime.delivery.start()
         self.scheduler.start()
+        if self.cluster is not None:
+            self.cluster.start()
         settings = self.runtime.settings
         log.info(
             "genauth-monitor started",
             extra={
                 "version": __version__,
+                "replica": self.replica_name,
                 "targets": len(settings.targets),
                 "listen": f"{settings.server.host}:{self.http.port}",
                 "storage": settings.storage.display_url,
@@ -250,9 +319,14 @@ class Daemon:
         for session in self.runtime.sessions:
             abort(session)
         self.recorder.stop(timeout=STOP_WRITE_WAIT)
+        if self.cluster is not None:
+            # After the recorder: the next owner reads when we last polled from poll_state.
+            self.cluster.stop()
         self.runtime.delivery.stop(timeout=1.0)
         self.http.stop()
         self.runtime.store.engine.dispose()
+        if self._sqlite_lock is not None:
+            self._sqlite_lock.close()
         log.info("genauth-monitor stopped")
 
     def run_until(self, stop: threading.Event) -> None:

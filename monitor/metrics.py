@@ -114,6 +114,22 @@ class Metrics:
         )
         self.outbox_pending = _OutboxPending()
         self._rest.register(self.outbox_pending)
+        self.replicas = Gauge(
+            "genauth_monitor_replicas",
+            "Live replicas sharing the database (1 on SQLite).",
+            registry=self._rest,
+        )
+        self.targets_owned = Gauge(
+            "genauth_monitor_targets_owned",
+            "Targets this replica polls (each replica exports only its own).",
+            ["replica"],
+            registry=self._rest,
+        )
+        self.clock_skew = Gauge(
+            "genauth_monitor_clock_skew_seconds",
+            "This replica's clock minus the database's, measured at each heartbeat.",
+            registry=self._rest,
+        )
         self.build_info = Gauge(
             "genauth_monitor_build_info",
             "Build information of genauth-monitor.",
@@ -154,6 +170,12 @@ class Metrics:
             state = self._target(target)
             state.last_change = at.timestamp()
             state.version += 1
+
+    def set_cluster(self, *, replica: str, replicas: int, owned: int, skew: float) -> None:
+        """The split as this replica sees it at a heartbeat."""
+        self.replicas.set(replicas)
+        self.targets_owned.labels(replica=replica).set(owned)
+        self.clock_skew.set(skew)
 
     def set_outbox_pending(self, sink: str, count: int) -> None:
         self.outbox_pending.set(sink, count)

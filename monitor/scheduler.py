@@ -10,21 +10,31 @@ After a failed poll the job is rescheduled to the first slot at or after its bac
 retried with backoff); a success returns it to every slot. A watchdog thread fails polls past
 their deadline (:meth:`TargetPoller.expire_if_overdue`), and moves every schedule along when
 the wall clock jumps, so a clock set back by a day never stops polling for a day.
+
+With replicas (``claimed=True``, :mod:`monitor.cluster`) no target is scheduled at start: the
+cluster calls :meth:`~PollScheduler.hold` for each target this replica claims and
+:meth:`~PollScheduler.drop` for each it gives up. Their grids are then the same on every
+replica: the phase of a target's slots comes from a hash of its name, on the database's clock
+(local time minus the measured skew), and so do the jitter offsets, so a target handed over
+keeps its slots and is polled once per interval across the handover.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import threading
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 
@@ -32,7 +42,7 @@ from monitor.core.backoff import backoff
 from monitor.service import PollResult, TargetPoller
 from monitor.timeutil import utc_now
 
-__all__ = ["PollScheduler", "ScheduledTarget", "SlotTrigger", "backoff_delay"]
+__all__ = ["PollScheduler", "ScheduledTarget", "SlotTrigger", "backoff_delay", "shared_grid"]
 
 log = logging.getLogger("monitor.scheduler")
 
@@ -117,6 +127,18 @@ class SlotTrigger(BaseTrigger):  # type: ignore[misc]  # APScheduler has no type
         return f"SlotTrigger(interval={self.interval:g}s, jitter={self.jitter:g})"
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def shared_grid(name: str, interval: float, skew: timedelta) -> tuple[datetime, int]:
+    """The origin (local time) and jitter seed of target ``name``'s slots as every replica
+    computes them: slot ``k`` at database time ``k * interval + phase``, the phase a stable
+    hash of the name within the interval; local time is database time plus ``skew``."""
+    seed = zlib.crc32(name.encode())
+    phase = interval * seed / 2**32
+    return _EPOCH + skew + timedelta(seconds=phase), seed
+
+
 class _Job:
     """The callable APScheduler runs for one target; after a failure it moves its own next
     run to the first slot after the backoff."""
@@ -177,7 +199,10 @@ class PollScheduler:
         max_workers: int = 10,
         now: Callable[[], datetime] = utc_now,
         monotonic: Callable[[], float] = time.monotonic,
+        claimed: bool = False,
     ) -> None:
+        self._claimed = claimed
+        self._by_name = {target.poller.name: target for target in targets}
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=max_workers)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -198,7 +223,7 @@ class PollScheduler:
     def start(self) -> None:
         now = self._now()
         count = len(self._targets)
-        for index, target in enumerate(self._targets):
+        for index, target in enumerate([] if self._claimed else self._targets):
             name = target.poller.name
             # Evenly spread first polls: index / count of the spread window.
             spread = min(target.interval, FIRST_SPREAD_MAX)
@@ -218,9 +243,36 @@ class PollScheduler:
         self._watchdog = threading.Thread(target=self._watch, name="poll-watchdog", daemon=True)
         self._watchdog.start()
 
+    def hold(self, name: str, *, not_before: datetime, skew: timedelta) -> None:
+        """Poll ``name`` from its first shared slot at or after ``not_before`` (local time)."""
+        target = self._by_name[name]
+        origin, seed = shared_grid(name, target.interval, skew)
+        trigger = SlotTrigger(
+            interval=target.interval, jitter=target.jitter, origin=origin, seed=seed
+        )
+        trigger.not_before = not_before
+        first = trigger.get_next_fire_time(None, self._now())
+        self.triggers[name] = trigger
+        self._scheduler.add_job(
+            _Job(target, trigger, self._backoff_max, self._reschedule, self._now),
+            trigger,
+            id=name,
+            name=f"poll {name}",
+            next_run_time=first,
+            replace_existing=True,
+        )
+
+    def drop(self, name: str) -> None:
+        """Poll ``name`` no more (a poll in flight finishes; its outcome is recorded)."""
+        self.triggers.pop(name, None)
+        with contextlib.suppress(JobLookupError):
+            self._scheduler.remove_job(name)
+
     def _reschedule(self, name: str, when: datetime) -> None:
         if self._scheduler.running:
-            self._scheduler.modify_job(name, next_run_time=when)
+            # Dropped while its poll ran: another replica has it now.
+            with contextlib.suppress(JobLookupError):
+                self._scheduler.modify_job(name, next_run_time=when)
 
     def next_run_times(self) -> dict[str, datetime | None]:
         return {job.id: job.next_run_time for job in self._scheduler.get_jobs()}

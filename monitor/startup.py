@@ -5,7 +5,8 @@ program does anything is a ConfigError naming its key (exit code 2), one line ea
 - ``storage.url``: the database opens (:func:`open_storage`): the SQLite directory exists and is
   writable, PostgreSQL answers and accepts us;
 - ``monitor.fingerprint_key_file``: the key (or the generated key file) is usable
-  (:func:`monitor.keyfile.fingerprint_key`).
+  (:func:`monitor.keyfile.fingerprint_key`);
+- ``storage.url``: no other daemon uses the SQLite database (:func:`lock_sqlite`).
 
 Messages show the database only as ``display_url`` (no password, no query string) and give the
 reason from a fixed list, never the driver's text: that can carry the URL with its password.
@@ -13,9 +14,10 @@ reason from a fixed list, never the driver's text: that can carry the URL with i
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
-from typing import Final
+from typing import Final, TextIO
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -26,7 +28,9 @@ from monitor.http_server import bind
 from monitor.storage import create_store_engine, upgrade
 from monitor.storage.engine import describe_error
 
-__all__ = ["check_listen", "open_storage"]
+__all__ = ["LOCK_SUFFIX", "check_listen", "lock_sqlite", "open_storage"]
+
+LOCK_SUFFIX: Final = ".lock"
 
 
 def check_listen(settings: Settings) -> None:
@@ -63,6 +67,40 @@ def open_storage(settings: Settings, *, migrate: bool) -> Engine:
             engine.dispose()
             raise
     return engine
+
+
+def lock_sqlite(settings: Settings) -> TextIO | None:
+    """The lock of the one daemon a SQLite database may have: ``DB.lock`` beside it, locked
+    (``flock``) for as long as the returned file stays open, holding the daemon's pid. The
+    operating system lets go of it when the process ends however it ends, SIGKILL included, so
+    a stale file never blocks a restart. None for PostgreSQL (replicas coordinate by claims).
+    ConfigError when another process holds it: ``check`` and the audit commands take no lock
+    and stay allowed beside a daemon."""
+    path = settings.storage.sqlite_path
+    if path is None:
+        return None
+    lock_path = path.with_name(path.name + LOCK_SUFFIX)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConfigError(
+            [f"storage.url: cannot open the lock file {lock_path}: {exc.strerror}"]
+        ) from None
+    file = os.fdopen(fd, "r+", encoding="ascii")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        file.seek(0)
+        holder = file.read(20).strip() or "unknown"
+        file.close()
+        raise ConfigError(
+            [f"storage.url: another genauth-monitor daemon is using {path} (pid {holder})"]
+        ) from None
+    file.seek(0)
+    file.truncate()
+    file.write(f"{os.getpid()}\n")
+    file.flush()
+    return file
 
 
 def _sqlite_path_problem(path: Path) -> str | None:

@@ -15,17 +15,20 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from monitor.core import Change
 from monitor.core.kinds import EVENT_KINDS, SEVERITIES
+from monitor.storage.claims import Member
 from monitor.storage.queries import EventView, SnapshotView, TargetView
 from monitor.timeutil import format_time
 
 __all__ = [
     "ChangeOut",
+    "ClusterOut",
     "DiffOut",
     "ErrorOut",
     "EventOut",
     "EventPage",
     "KindName",
     "ReadyOut",
+    "ReplicaOut",
     "SeverityName",
     "SnapshotDocumentOut",
     "SnapshotOut",
@@ -213,3 +216,18 @@ def _time(value: Any) -> str:
     text = format_time(value)
     assert text is not None
     return text
+
+
+class ReplicaOut(_Out):
+    name: str
+    last_heartbeat: str = Field(description="RFC 3339, database time")
+    targets: list[str] = Field(description="the targets it holds a live claim on")
+
+    @classmethod
+    def of(cls, v: Member) -> Self:
+        return cls(name=v.name, last_heartbeat=_time(v.heartbeat_at), targets=v.targets)
+
+
+class ClusterOut(_Out):
+    replica: str = Field(description="the replica that answered")
+    replicas: list[ReplicaOut] = Field(description="the live replicas, by name")

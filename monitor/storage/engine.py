@@ -40,6 +40,10 @@ __all__ = [
 WRITE = "genauth_monitor_write"
 _BUSY_TIMEOUT_MS = 30_000
 STATEMENT_TIMEOUT_MS = 30_000
+# pg_advisory_xact_lock key of migrations ("gm-migrate" as a number): replicas starting at
+# once migrate one after the other; the others then find the schema at head.
+MIGRATION_LOCK = 0x676D2D6D696772
+MIGRATION_LOCK_WAIT = "300s"  # how long a replica waits for another one's migration
 
 
 def create_store_engine(url: str, **kwargs: Any) -> Engine:
@@ -135,6 +139,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
                     if not sqlite:
                         # A migration of a large history may take longer than any query.
                         connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
+                        _serialise_migrations(connection)
                     before = _broken_references(connection) if sqlite else set()
                     from alembic import command
 
@@ -148,6 +153,17 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
                     _driver_pragma(connection, "foreign_keys = ON")
     except SQLAlchemyError as exc:
         raise StorageError("migration failed: " + describe_error(exc)) from None
+
+
+def _serialise_migrations(connection: Connection) -> None:
+    """Wait for any other process migrating this database (a replica started at the same
+    moment). A transaction-level advisory lock: released by the commit or rollback, so it is
+    never held for a connection's life (connection poolers in transaction mode keep working),
+    and Alembic, reading the version after it, finds what the other one did."""
+    usual = connection.exec_driver_sql("SHOW lock_timeout").scalar()
+    connection.exec_driver_sql(f"SET LOCAL lock_timeout = '{MIGRATION_LOCK_WAIT}'")
+    connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+    connection.exec_driver_sql(f"SET LOCAL lock_timeout = '{usual}'")
 
 
 def _broken_references(connection: Connection) -> set[tuple[Any, ...]]:

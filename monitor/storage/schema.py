@@ -24,12 +24,14 @@ from sqlalchemy import (
 __all__ = [
     "ID",
     "UTCDateTime",
+    "claims",
     "delivery_lanes",
     "events",
     "meta",
     "metadata",
     "poll_errors",
     "poll_state",
+    "replicas",
     "snapshots",
     "targets",
 ]
@@ -202,4 +204,31 @@ meta = Table(
     metadata,
     Column("key", String(64), primary_key=True),
     Column("value", Text, nullable=False),
+)
+
+# The daemons sharing the database (migration 0007; PostgreSQL only, empty on SQLite): a row per
+# running process, kept alive by its heartbeats until ``lease_until`` (database time).
+replicas = Table(
+    "replicas",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("instance", String(36), nullable=False),  # random per process: a restart is another
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("key_check", String(32), nullable=False),  # which fingerprint key it uses, not the key
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("heartbeat_at", UTCDateTime(), nullable=False),
+    Column("lease_until", UTCDateTime(), nullable=False),
+)
+
+# Which replica polls which target, until ``lease_until``; ``epoch`` rises with every new owner,
+# so a write carrying an older epoch is known to come from a replica that lost the claim.
+claims = Table(
+    "claims",
+    metadata,
+    Column("target", String(128), primary_key=True),
+    Column("owner", String(128)),
+    Column("epoch", BigInteger, nullable=False),
+    Column("lease_until", UTCDateTime()),
+    Index(None, "owner"),
 )
