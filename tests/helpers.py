@@ -193,6 +193,18 @@ access_key_secret_env = "GM_TEST_SECRET"
     return path
 
 
+def start_daemon(config: Path, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``run -c CONFIG`` in a subprocess (``env`` added to this environment), its output in
+    ``log``; the caller stops it."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [*CLI, "run", "-c", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+        )
+
+
 def wait_for(predicate: Callable[[], Any], *, timeout: float = 20, what: str = "") -> Any:
     """The first true value of ``predicate``, asked again after 10 ms, then less and less
     often (every 100 ms at most, so a long wait does not hammer what it asks)."""

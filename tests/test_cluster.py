@@ -72,7 +72,9 @@ def replica(
 
 def owners(engine: Engine) -> dict[str, str | None]:
     with engine.connect() as connection:
-        rows = connection.execute(text("SELECT target, owner FROM claims WHERE lease_until > now()"))
+        rows = connection.execute(
+            text("SELECT target, owner FROM claims WHERE lease_until > now()")
+        )
         return {row.target: row.owner for row in rows}
 
 
@@ -108,7 +110,7 @@ def test_a_newcomer_gets_work_from_a_replica_holding_everything(engine: Engine) 
 
 
 def test_leaving_hands_the_targets_over_at_the_next_beat(engine: Engine) -> None:
-    (a, held_a), (b, held_b) = replica(engine, "a"), replica(engine, "b")
+    (a, _), (b, held_b) = replica(engine, "a"), replica(engine, "b")
     settle(a, b)
     a.claims.leave()
     b.step()
@@ -164,7 +166,9 @@ def test_the_clock_skew_is_this_clock_minus_the_database_clock(engine: Engine) -
     cluster.step()
     assert seen and abs(seen[0] - 42) < 0.5
     # The claim's first poll is on local time: database time plus the skew.
-    assert all(abs((at - datetime.now(UTC)).total_seconds() - 42) < 1 for at in holder.held.values())
+    assert all(
+        abs((at - datetime.now(UTC)).total_seconds() - 42) < 1 for at in holder.held.values()
+    )
 
 
 def test_a_live_replica_name_is_refused(engine: Engine) -> None:
