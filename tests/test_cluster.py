@@ -188,7 +188,12 @@ def test_a_killed_process_of_this_host_gives_its_name_to_its_successor(engine: E
             ),
             {"host": socket.gethostname(), "pid": dead.pid, "key": KEY},
         )
-        connection.execute(text("UPDATE claims SET owner = 'mon-a', lease_until = now() + '1m'"))
+        connection.execute(
+            text(
+                "INSERT INTO claims SELECT name, 'mon-a', 0, now() + interval '1 minute'"
+                " FROM targets"
+            )
+        )
     a, held = replica(engine, "mon-a")  # taken over, and the old claims given back first
     a.step()
     assert set(held.held) == set(TARGETS)

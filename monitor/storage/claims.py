@@ -149,7 +149,7 @@ _CLAIM = text(
     " FROM (SELECT target FROM claims WHERE target = ANY(:targets)"
     "  AND (owner IS NULL OR lease_until < now()) AND owner IS DISTINCT FROM :me"
     "  ORDER BY md5(target || :me) LIMIT :n FOR UPDATE SKIP LOCKED) AS free"
-    " WHERE c.target = free.target AND (c.owner IS NULL OR c.lease_until < now())"
+    " WHERE c.target = free.target"
     " RETURNING c.target, c.epoch, (SELECT ps.last_attempt_at FROM poll_state AS ps"
     "  JOIN targets AS t ON t.id = ps.target_id WHERE t.name = c.target) AS last_attempt_at"
 ).bindparams(
