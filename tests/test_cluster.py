@@ -124,6 +124,7 @@ def test_the_claims_of_a_silent_replica_lapse_with_their_lease(engine: Engine) -
     b, held_b = replica(engine, "b", lease=1.0)
     b.step()
     assert held_b.held == {}  # a holds everything, and b does not take a live claim
+    assert b.claims.claim(list(TARGETS), 5) == []  # not even when it asks
     time.sleep(1.2)  # a is "killed": no heartbeat, its leases run out (database time)
     b.step()
     assert set(held_b.held) == set(TARGETS)
