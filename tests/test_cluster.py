@@ -132,6 +132,17 @@ def test_the_claims_of_a_silent_replica_lapse_with_their_lease(engine: Engine) -
     assert held_a.held == {}
 
 
+def test_heartbeats_keep_the_claims_past_their_first_lease(engine: Engine) -> None:
+    a, held_a = replica(engine, "a", lease=1.0)
+    b, held_b = replica(engine, "b", lease=1.0)
+    a.step()
+    for _ in range(3):  # 1.5 s: longer than a lease, renewed by each beat
+        time.sleep(0.5)
+        a.step()
+    assert b.claims.claim(list(TARGETS), 5) == []
+    assert len(held_a.held) == 5 and held_b.held == {}
+
+
 def test_a_claim_is_first_polled_half_an_interval_after_the_last_poll(engine: Engine) -> None:
     with engine.begin() as connection:
         last = connection.execute(text("SELECT now() - interval '10 seconds'")).scalar_one()
