@@ -4,6 +4,7 @@ over at once on SIGTERM, record every change once; a SQLite database has one dae
 
 from __future__ import annotations
 
+import functools
 import signal
 import subprocess
 import time
@@ -56,6 +57,12 @@ class Replica:
             f"{self.base}/api/v1/cluster", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=3
         ).json()
         return {r["name"]: r["targets"] for r in answer["replicas"]}
+
+    def ready(self) -> bool:
+        return requests.get(f"{self.base}/readyz", timeout=2).status_code == 200
+
+    def disabled(self, target: str) -> bool:
+        return metric_value(self.metrics(), "genauth_email_provider_enabled", target=target) == 0
 
     def owned(self) -> float | None:
         return metric_value(self.metrics(), "genauth_monitor_targets_owned", replica=self.name)
@@ -120,11 +127,7 @@ def replicas(
             log = tmp_path / f"{name}.log"
             started.append(Replica(name, port, start_daemon(config, log, ENV), log))
         for replica in started:
-            wait_for(
-                lambda r=replica: requests.get(f"{r.base}/readyz", timeout=2).status_code == 200,
-                timeout=60,
-                what=f"{replica.name} ready",
-            )
+            wait_for(replica.ready, timeout=60, what=f"{replica.name} ready")
         yield started
     finally:
         for replica in started:
@@ -203,10 +206,7 @@ def test_three_replicas_poll_each_target_once_and_survive_two_kills(
             sims[2].set_data(data)
             for replica in running:
                 wait_for(
-                    lambda r=replica: (
-                        metric_value(r.metrics(), "genauth_email_provider_enabled", target="t2")
-                        == 0
-                    ),
+                    functools.partial(replica.disabled, "t2"),
                     timeout=10,
                     what=f"t2 disabled in {replica.name}'s /metrics",
                 )
