@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, make_url, text
 
 from monitor.errors import ConfigError
 from monitor.simulator import SimulatedGenAuth
@@ -31,6 +31,7 @@ from tests.helpers import (
     write_config,
 )
 from tests.receiver import Receiver
+from tests.tcp_proxy import FreezableProxy
 
 SECRET = "Replica-Access-Secret-314"
 TOKEN = "Replica-Api-Token-159"
@@ -367,3 +368,61 @@ def test_run_refuses_a_sqlite_database_another_daemon_holds(
         held.close()
     assert result.returncode == 2
     assert f"another genauth-monitor daemon is using {tmp_path / 'monitor.db'}" in result.stderr
+
+
+def _snapshots(url: str) -> int:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return int(connection.execute(text("SELECT count(*) FROM snapshots")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.slow
+def test_a_replica_cut_off_from_the_database_records_nothing_twice(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """Replica a loses its database (a black-holed path) but keeps polling and queueing; b
+    takes the target over and records two changes; when a's path comes back, its queued
+    sightings and changes collapse into what b recorded: fenced by the claim's epoch."""
+    url = make_url(postgres_url)
+    with FreezableProxy(url.host or "127.0.0.1", url.port or 5432) as proxy, simulators(1) as sims:
+        cut_off = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        with replicas(tmp_path, sims, cut_off, ["rep-a"]) as (a,):
+            wait_for(lambda: a.owned() == 1, what="a holds the target")
+            with replicas(tmp_path, sims, postgres_url, ["rep-b"]) as (b,):
+                wait_for(lambda: _events(postgres_url, "first_seen") == 1)
+                assert b.owned() == 0
+                proxy.freeze()
+                wait_for(lambda: b.owned() == 1, timeout=30, what="b takes over after the lease")
+                before = metric_value(
+                    a.metrics(), "genauth_monitor_polls_total", target="t0", outcome="success"
+                )
+                data = sims[0].data
+                data["enabled"] = False
+                sims[0].set_data(data)
+                wait_for(lambda: _events(postgres_url, "provider_disabled") == 1, timeout=15)
+                wait_for(lambda: a.disabled("t0"), timeout=10, what="a saw it too")
+                data["enabled"] = True
+                sims[0].set_data(data)
+                wait_for(lambda: _events(postgres_url, "provider_enabled") == 1, timeout=15)
+                time.sleep(2)
+                after = metric_value(
+                    a.metrics(), "genauth_monitor_polls_total", target="t0", outcome="success"
+                )
+                assert before is not None and after is not None and after >= before + 3, (
+                    "a keeps polling the target it held while its database is away"
+                )
+                proxy.thaw()
+                wait_for(lambda: a.owned() == 0, timeout=30, what="a learns it lost the claim")
+                time.sleep(3)  # a's queue is written, or dropped, by now
+                assert _events(postgres_url, "provider_disabled") == 1
+                assert _events(postgres_url, "provider_enabled") == 1
+                assert _snapshots(postgres_url) == 3  # enabled, disabled, enabled again
+                assert "claim lost" in a.log.read_text()
+                for replica in (a, b):
+                    replica.proc.send_signal(signal.SIGTERM)
+                    assert replica.proc.wait(timeout=15) == 0
+        verify = run_main("verify", "-c", str(tmp_path / "rep-b.toml"), env=ENV)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
