@@ -103,11 +103,13 @@ def build_runtime(
     session: requests.Session | None = None,
     migrate: bool = True,
     recorder: Recorder | None = None,
+    replica: str | None = None,
 ) -> Runtime:
     """Open the database (migrating it), and build a poller per target restored from it.
 
     With a ``recorder`` (the daemon) polls only queue their outcomes and the recorder writes
-    them; without one (``check``) each poll writes what it saw before it returns."""
+    them; without one (``check``) each poll writes what it saw before it returns. With a
+    ``replica`` name (a daemon on PostgreSQL) writes are fenced by that replica's claims."""
     engine = create_store_engine(settings.storage.url)
     if migrate:
         upgrade(engine)
@@ -120,7 +122,7 @@ def build_runtime(
     routes = [SinkRoute(s.name, s.min_severity, s.kinds, len(s.lane_urls)) for s in settings.sinks]
     runtime = Runtime(
         settings=settings,
-        store=Store(engine, routes=routes, on_outbox=delivery.wake),
+        store=Store(engine, routes=routes, on_outbox=delivery.wake, replica=replica),
         queries=Queries(engine),
         registry=registry,
         metrics=metrics,
@@ -201,11 +203,16 @@ class Daemon:
         self._sqlite_lock: TextIO | None = lock_sqlite(settings)
         self._clock = clock
         self.recorder = Recorder()
-        self.runtime = build_runtime(settings, clock=clock, recorder=self.recorder)
         self.replica_name = settings.cluster.replica_name or default_replica_name()
+        replicated = not settings.storage.is_sqlite
+        self.runtime = build_runtime(
+            settings,
+            clock=clock,
+            recorder=self.recorder,
+            replica=self.replica_name if replicated else None,
+        )
         monitor = settings.monitor
         intervals = {target.name: target.effective_interval(monitor) for target in settings.targets}
-        replicated = self.runtime.store.engine.dialect.name == "postgresql"
         self.scheduler = PollScheduler(
             [
                 ScheduledTarget(poller, intervals[name], monitor.jitter)
@@ -233,6 +240,8 @@ class Daemon:
                 clock=clock,
             )
             self.cluster.join()  # a live replica of the same name: ConfigError, exit 2
+            for name, poller in self.runtime.pollers.items():
+                poller.claim = functools.partial(self.cluster.epoch, name)
         else:
             self.runtime.metrics.set_cluster(
                 replica=self.replica_name, replicas=1, owned=len(intervals), skew=0.0

@@ -190,6 +190,12 @@ class Cluster:
         with self._lock:
             return {name: held.epoch for name, held in self._held.items()}
 
+    def epoch(self, name: str) -> int | None:
+        """The epoch of our claim on ``name``, None when we do not hold it (a poll's outcome
+        carries it, and its write is fenced by it)."""
+        held = self._held.get(name)  # one dict read: atomic, no lock on the poll path
+        return held.epoch if held is not None else None
+
     def members(self) -> list[Member]:
         return self.claims.members()
 

@@ -9,7 +9,8 @@
     │                      ``snapshot`` or ``moment`` (CLI exit code 2 or 4, HTTP 404)
     ├── UpstreamError      a failed poll of the GenAuth API, classified by ``reason``
     ├── StorageError       the database is unreachable or refused a write
-    │   └── StaleStateError  the target's state changed under this writer: read it again
+    │   ├── StaleStateError  the target's state changed under this writer: read it again
+    │   └── ClaimLost        a replica wrote under a claim another replica has taken since
     ├── DeliveryError      an alert sink did not accept a delivery (it will be retried)
     ├── HttpFailure        (monitor.httpio) a request past its deadline or size cap; the
     │                      client and the sinks turn it into UpstreamError / DeliveryError
@@ -27,6 +28,7 @@ from typing import Final, Literal
 __all__ = [
     "REASONS",
     "BadParameter",
+    "ClaimLost",
     "ConfigError",
     "DeliveryError",
     "MonitorError",
@@ -143,3 +145,12 @@ class DeliveryError(MonitorError):
 class StaleStateError(StorageError):
     """The target's current snapshot in the database is not the one the writer assumed
     (another process recorded something meanwhile): read the state again and re-judge."""
+
+
+class ClaimLost(StorageError):
+    """A replica wrote under a claim it no longer holds (another replica took the target, or
+    took it and gave it back: a newer epoch). Nothing was written; ``targets`` names them."""
+
+    def __init__(self, targets: list[str]) -> None:
+        super().__init__("claim lost: " + ", ".join(targets))
+        self.targets = targets

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from monitor.errors import StaleStateError, StorageError
+from monitor.errors import ClaimLost, StaleStateError, StorageError
 from monitor.service import TargetPoller
 from monitor.storage import Store
 from monitor.storage.store import Sighting
@@ -169,8 +169,9 @@ class Recorder:
         self._writing_since = self._monotonic()
         try:
             states = self._store.record_sightings(sightings)
-        except StaleStateError:
-            # Another writer recorded a change for one of them: one by one finds which.
+        except (StaleStateError, ClaimLost):
+            # Another writer recorded a change for one of them, or another replica took one
+            # over: one by one finds which (and drops what a lost claim makes stale).
             for poller in sealed:
                 poller.unseal()
                 alone[poller.name] = poller

@@ -12,6 +12,14 @@ state gauges tell the truth meanwhile. ``check`` writes inline, to print what it
 A poll that has not finished within its deadline is a failed poll (``timeout``) as soon as the
 deadline passes (:meth:`TargetPoller.expire_if_overdue`, called by a watchdog); its late outcome
 is discarded. A bug inside a poll is a failed poll too (``internal``), never silence.
+
+With replicas each outcome carries the epoch of the claim it was polled under (``claim``), and
+its write is fenced by it (:meth:`monitor.storage.Store._fence`). An outcome whose claim was
+lost by the time it is written (the database was away from this replica while another took the
+target over) is dropped when it is an unchanged sighting or a failure: the new owner's polls say
+as much. A change is still recorded, against the state the database has then, unless that state
+is the same (it collapses by hash) or was recorded after this change was seen (a newer state:
+recording the older one would roll the history back).
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from monitor.core import (
 )
 from monitor.core.alerting import apply_ignore
 from monitor.core.canonical import UnusableDocument
-from monitor.errors import StorageError, UpstreamError
+from monitor.errors import ClaimLost, StorageError, UpstreamError
 from monitor.metrics import Metrics
 from monitor.storage import FailureRecord, Store, TargetState
 from monitor.storage.store import NewSnapshot, Sighting, StaleStateError
@@ -68,6 +76,7 @@ class _Seen:
     times: int = 1
     last_at: datetime | None = None  # the latest sighting, when sightings were collapsed
     writing: bool = False  # being written: later sightings must not collapse into it
+    epoch: int | None = None  # the claim it was polled under (replicas)
 
     @property
     def seen_last(self) -> datetime:
@@ -78,6 +87,7 @@ class _Seen:
 class _Failed:
     at: datetime
     failure: FailureRecord
+    epoch: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +123,12 @@ class TargetPoller:
         deadline: float = 20.0,
         write_inline: bool = True,
         on_pending: Callable[[], None] | None = None,
+        claim: Callable[[], int | None] | None = None,
     ) -> None:
         self.name = name
+        # The epoch of this replica's claim on the target now (None: not held); unset
+        # without replicas.
+        self.claim = claim
         self._fetcher = fetcher
         self._store = store
         self._metrics = metrics
@@ -191,7 +205,7 @@ class TargetPoller:
             drift=drift,
         )
         self._metrics.set_up(self.name, True, now)
-        self._enqueue_seen(_Seen(now, digest, document, drift))
+        self._enqueue_seen(_Seen(now, digest, document, drift, epoch=self._epoch()))
         events, stored = self._written()
         self._metrics.observe_poll(self.name, "success", time.perf_counter() - started)
         return PollResult(self.name, True, digest, document, drift, events=events, stored=stored)
@@ -221,6 +235,9 @@ class TargetPoller:
             self._abandoned = True
         self._failed(self._overdue_error(), self._clock(), time.perf_counter() - self.deadline)
         return True
+
+    def _epoch(self) -> int | None:
+        return self.claim() if self.claim is not None else None
 
     def _overdue_error(self) -> UpstreamError:
         return UpstreamError(
@@ -267,7 +284,7 @@ class TargetPoller:
             request_id=_bounded(error.request_id, 128),
         )
         with self._lock:
-            self._queue(_Failed(now, failure))
+            self._queue(_Failed(now, failure, self._epoch()))
         events, stored = self._written()
         self._metrics.observe_poll(self.name, error.reason, time.perf_counter() - started)
         return PollResult(
@@ -287,6 +304,7 @@ class TargetPoller:
                 and not last.writing
                 and last.hash == seen.hash
                 and last.drift == seen.drift
+                and last.epoch == seen.epoch
             ):
                 last.last_at, last.times = seen.at, last.times + 1
             else:
@@ -330,7 +348,7 @@ class TargetPoller:
             ):
                 return None
             head.writing = seal
-            return Sighting(state, head.seen_last, head.times)
+            return Sighting(state, head.seen_last, head.times, head.epoch)
 
     def sighting_written(self, state: TargetState) -> None:
         """The sealed sighting is in the database; ``state`` is the target's state after it."""
@@ -388,16 +406,22 @@ class TargetPoller:
             return head
 
     def _apply(self, outcome: _Seen | _Failed) -> list[EventDraft]:
+        fenced = True
         for _ in range(3):
             state = self._state or self._store.ensure_target(self.name, now=outcome.at)
             self._state = state
             events = apply_ignore(self._events_for(state, outcome), self._ignore)
             try:
-                self._state = self._write(state, outcome, events)
+                self._state = self._write(state, outcome, events, fenced=fenced)
             except StaleStateError:
                 # Another process (a `check` beside the daemon) recorded something since we
                 # last looked: read the current state and judge the outcome against it.
                 self._state = None
+                continue
+            except ClaimLost:
+                if not self._news_after_lost_claim(outcome):
+                    return []
+                fenced = False  # a change the database lacks: recorded all the same
                 continue
             break
         else:
@@ -413,12 +437,36 @@ class TargetPoller:
             self._metrics.set_last_change(self.name, self._state.last_change_at)
         return events
 
+    def _news_after_lost_claim(self, outcome: _Seen | _Failed) -> bool:
+        """Whether an outcome written under a lost claim must still be recorded: only a change
+        the database has neither the same nor a newer state for. Reads the state again."""
+        self._state = state = self._store.ensure_target(self.name, now=outcome.at)
+        if isinstance(outcome, _Failed):
+            why = "a failure"
+        elif outcome.hash == state.hash:
+            why = "a state recorded already"
+        elif state.last_change_at is not None and state.last_change_at >= outcome.at:
+            why = "older than the state recorded since"
+        else:
+            log.warning(
+                "claim lost; recording a change the new owner has not recorded",
+                extra={"target": self.name, "new_hash": outcome.hash},
+            )
+            return True
+        log.info("claim lost; poll outcome dropped", extra={"target": self.name, "outcome": why})
+        return False
+
     def _write(
-        self, state: TargetState, outcome: _Seen | _Failed, events: list[EventDraft]
+        self,
+        state: TargetState,
+        outcome: _Seen | _Failed,
+        events: list[EventDraft],
+        *,
+        fenced: bool = True,
     ) -> TargetState:
         if isinstance(outcome, _Failed):
             return self._store.record_failure(
-                state, outcome.failure, now=outcome.at, events_=events
+                state, outcome.failure, now=outcome.at, events_=events, epoch=outcome.epoch
             )
         if outcome.hash == state.hash:
             return self._store.record_unchanged(
@@ -427,6 +475,7 @@ class TargetPoller:
                 times=outcome.times,
                 drift=outcome.drift,
                 events_=events,
+                epoch=outcome.epoch,
             )
         written = self._store.record_snapshot(
             state,
@@ -435,6 +484,8 @@ class TargetPoller:
             last_seen=outcome.seen_last,
             times=outcome.times,
             events_=events,
+            epoch=outcome.epoch,
+            fenced=fenced,
         )
         self._log_change(state, outcome)
         return written

@@ -29,6 +29,7 @@ from monitor.storage.schema import UTCDateTime
 T = TypeVar("T")
 
 __all__ = [
+    "HELD",
     "Beat",
     "ClaimStore",
     "Claimed",
@@ -162,6 +163,12 @@ _RELEASE = text(
     " WHERE owner = :me AND target = ANY(:targets)"
 ).bindparams(bindparam("targets", type_=_NAMES))
 _LEAVE = text("DELETE FROM replicas WHERE name = :me AND instance = :instance")
+
+# The fence of a write (inside its transaction): which of these targets we still hold, and under
+# which epoch. FOR SHARE keeps a claimer from taking them until the write commits.
+HELD = text(
+    "SELECT target, epoch FROM claims WHERE owner = :me AND target = ANY(:targets) FOR SHARE"
+).bindparams(bindparam("targets", type_=_NAMES))
 
 _MEMBERS = text(
     "SELECT r.name, r.heartbeat_at, coalesce(array_agg(c.target ORDER BY c.target)"

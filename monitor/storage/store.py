@@ -16,8 +16,9 @@ from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from monitor.core import EventDraft
 from monitor.core.alerting import SinkRoute
-from monitor.errors import StaleStateError, StorageError
+from monitor.errors import ClaimLost, StaleStateError, StorageError
 from monitor.storage import chain, outbox
+from monitor.storage.claims import HELD
 from monitor.storage.engine import WRITE, describe_error
 from monitor.storage.schema import (
     UTCDateTime,
@@ -79,6 +80,7 @@ class Sighting:
     state: TargetState
     at: datetime  # the latest of the sightings
     times: int = 1
+    epoch: int | None = None  # the claim they were polled under (replicas)
 
 
 @dataclass(slots=True)
@@ -138,8 +140,13 @@ class Store:
         *,
         routes: Sequence[SinkRoute] = (),
         on_outbox: Callable[[], None] | None = None,
+        replica: str | None = None,
     ) -> None:
         self.engine = engine
+        # A replica's writes are fenced by its claims: each carries the epoch of the claim it
+        # was polled under, and is refused (ClaimLost) when the claim has another owner or
+        # epoch by the time it is written. None (SQLite, `check`): nothing is fenced.
+        self._replica = replica
         self._writer = engine.execution_options(**{WRITE: True})
         self._routes = tuple(routes)
         # Called after a commit that queued deliveries, to wake the delivery worker.
@@ -165,6 +172,7 @@ class Store:
         times: int = 1,
         drift: bool | None = None,
         events_: Sequence[EventDraft] = (),
+        epoch: int | None = None,
     ) -> TargetState:
         """Successful polls (``times`` of them) that saw the current snapshot again: no new row.
         ``drift`` updates the snapshot's baseline verdict when the baseline itself changed."""
@@ -172,6 +180,7 @@ class Store:
         after = replace(state, up=True, consecutive_failures=0, last_success_at=now, drift=drift)
 
         def work(tx: _Tx) -> TargetState:
+            self._fence(tx, {state.name: epoch})
             connection = tx.connection
             guarded = connection.execute(
                 _SUCCEEDED,
@@ -211,6 +220,7 @@ class Store:
         ]
 
         def work(tx: _Tx) -> list[TargetState]:
+            self._fence(tx, {s.state.name: s.epoch for s in sightings})
             if tx.connection.execute(_SUCCEEDED, succeeded).rowcount != len(sightings):
                 raise StaleStateError(", ".join(s.state.name for s in sightings))
             tx.connection.execute(_SEEN_AGAIN, seen)
@@ -230,13 +240,19 @@ class Store:
         events_: Sequence[EventDraft],
         last_seen: datetime | None = None,
         times: int = 1,
+        epoch: int | None = None,
+        fenced: bool = True,
     ) -> TargetState:
         """A successful poll that saw a new configuration: a new snapshot row and its events.
         ``now`` is when it was first seen (the change's time); ``last_seen`` and ``times``
-        cover sightings collapsed while the database was away."""
+        cover sightings collapsed while the database was away. ``fenced=False`` records a
+        change seen under a claim lost since, which the database does not have yet (see
+        :meth:`monitor.service.TargetPoller`)."""
         last = last_seen or now
 
         def work(tx: _Tx) -> TargetState:
+            if fenced:
+                self._fence(tx, {state.name: epoch})
             connection = tx.connection
             guarded = connection.execute(
                 update(poll_state)
@@ -294,10 +310,12 @@ class Store:
         *,
         now: datetime,
         events_: Sequence[EventDraft] = (),
+        epoch: int | None = None,
     ) -> TargetState:
         """A failed poll: the current snapshot stays, the failure is kept and counted."""
 
         def work(tx: _Tx) -> TargetState:
+            self._fence(tx, {state.name: epoch})
             connection = tx.connection
             failures = state.consecutive_failures + 1
             connection.execute(
@@ -322,6 +340,17 @@ class Store:
         return self._write(work)
 
     # -- internals -------------------------------------------------------------------------
+
+    def _fence(self, tx: _Tx, claims: dict[str, int | None]) -> None:
+        """Refuse the write (ClaimLost, naming the targets) unless this replica still holds
+        each claim at the epoch its outcome was polled under; hold those claims until commit."""
+        if self._replica is None:
+            return
+        rows = tx.connection.execute(HELD, {"me": self._replica, "targets": list(claims)})
+        held = {str(row.target): int(row.epoch) for row in rows}
+        lost = [name for name, epoch in claims.items() if epoch is None or held.get(name) != epoch]
+        if lost:
+            raise ClaimLost(lost)
 
     def _write(self, work: Callable[[_Tx], T]) -> T:
         try:
