@@ -223,6 +223,7 @@ class Daemon:
             claimed=replicated,
         )
         self.cluster: Cluster | None = None
+        self._mirrored: dict[str, MirroredState] = {}
         if replicated:
             self.cluster = Cluster(
                 claims=ClaimStore(
@@ -277,6 +278,7 @@ class Daemon:
 
     def _claimed(self, name: str) -> None:
         """A target this replica now polls starts from what the previous owner recorded."""
+        self._mirrored.pop(name, None)  # our polls set its gauges now; mirror anew once dropped
         poller = self.runtime.pollers[name]
         poller.restore(self.runtime.store.ensure_target(name, now=self._clock()))
 
@@ -284,6 +286,11 @@ class Daemon:
         """The state gauges of the targets another replica polls, as the database has them."""
         metrics = self.runtime.metrics
         for state in states:
+            # Unchanged states are skipped: setting a gauge makes /metrics render the target's
+            # lines again, and most mirrored targets change rarely.
+            if self._mirrored.get(state.name) == state:
+                continue
+            self._mirrored[state.name] = state
             if state.hash is not None and state.enabled is not None:
                 metrics.set_config(
                     state.name,
