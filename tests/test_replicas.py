@@ -218,8 +218,11 @@ def test_three_replicas_poll_each_target_once_and_survive_two_kills(
             )
             time.sleep(3)
             assert _events(postgres_url, "provider_disabled") == 1
-            # At least once: exactly once per sink across replicas is the outbox's (lanes).
-            assert [b["target"] for b in receiver.bodies() if b["kind"] == "provider_disabled"]
+            # At least once: exactly once per sink across replicas is the outbox's business
+            # (rows claimed by one replica's lane), not the claims'.
+            delivered = [b for b in receiver.bodies() if b["kind"] == "provider_disabled"]
+            assert delivered
+            print(f"provider_disabled delivered {len(delivered)} time(s) by 3 replicas")
             assert _events(postgres_url, "first_seen") == 5
 
             # SIGKILL two replicas: the third polls all five within the bound.
