@@ -308,3 +308,37 @@ def test_replicas_migrating_an_empty_database_at_once_both_succeed(postgres_url:
     for engine in engines:
         engine.dispose()
     assert errors == []
+
+
+class _Poller:
+    """Enough of a TargetPoller for the scheduler's bookkeeping (it is never run here)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def expire_if_overdue(self, _now: float) -> bool:
+        return False
+
+
+def test_a_held_target_runs_on_its_shared_slots_from_not_before_and_dropped_not_at_all() -> None:
+    from monitor.scheduler import PollScheduler, ScheduledTarget
+
+    now = datetime(2026, 12, 2, 1, 0, 0, tzinfo=UTC)
+    targets = [ScheduledTarget(_Poller(name), 60.0, 0.0) for name in ("prod", "staging")]  # type: ignore[arg-type]
+    scheduler = PollScheduler(targets, backoff_max=300, now=lambda: now, claimed=True)
+    scheduler.start()
+    try:
+        assert scheduler.next_run_times() == {}  # nothing before the cluster says so
+        skew = timedelta(seconds=2)
+        not_before = now + timedelta(seconds=100)
+        scheduler.hold("prod", not_before=not_before, skew=skew)
+        first = scheduler.next_run_times()["prod"]
+        assert first is not None
+        origin, _ = shared_grid("prod", 60.0, skew)
+        assert not_before <= first < not_before + timedelta(seconds=60)
+        assert (first - origin) % timedelta(seconds=60) == timedelta(0)  # on the shared grid
+        scheduler.drop("prod")
+        scheduler.drop("prod")  # twice is harmless
+        assert scheduler.next_run_times() == {}
+    finally:
+        scheduler.shutdown()
