@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import requests
@@ -22,8 +23,10 @@ from monitor.errors import ConfigError
 from monitor.http_server import HttpServer
 from monitor.metrics import Metrics
 from monitor.scheduler import shared_grid
+from monitor.simulator import SimulatedGenAuth
 from monitor.storage import Queries, Store, create_store_engine, upgrade
 from monitor.storage.claims import ClaimStore, MirroredState
+from tests.helpers import run_main, write_config
 
 TARGETS = {f"t{i}": 60.0 for i in range(5)}
 KEY = key_check(b"the fingerprint key")
@@ -342,3 +345,19 @@ def test_a_held_target_runs_on_its_shared_slots_from_not_before_and_dropped_not_
         assert scheduler.next_run_times() == {}
     finally:
         scheduler.shutdown()
+
+
+def test_run_refuses_a_replica_name_a_live_replica_has(
+    engine: Engine, postgres_url: str, simulator: SimulatedGenAuth, tmp_path: Path
+) -> None:
+    replica(engine, "mon-a")  # alive on another host, as far as this process can tell
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE replicas SET host = 'elsewhere' WHERE name = 'mon-a'"))
+    config = write_config(
+        tmp_path, simulator, storage_url=postgres_url, extra='[cluster]\nreplica_name = "mon-a"\n'
+    )
+    env = {"GM_TEST_SECRET": simulator.access_key_secret, "GM_TEST_API_TOKEN": "t"}
+    result = run_main("run", "-c", str(config), env=env)
+    assert result.returncode == 2
+    assert "cluster.replica_name: replica name 'mon-a' is in use by a live replica" in result.stderr
+    assert "host elsewhere" in result.stderr
