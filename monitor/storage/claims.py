@@ -128,13 +128,15 @@ _TARGETS_KNOWN = text(
 _RELEASE_ALL = text("UPDATE claims SET owner = NULL, lease_until = NULL WHERE owner = :me")
 
 # One statement per heartbeat: our row and every claim we hold renewed, and what the claiming
-# step needs to know. A claim of ours whose lease ran out is renewed too: nobody took it (the
-# owner would be another), so nobody wrote under a newer epoch.
+# step needs to know. The claims are locked in target order, as the fence of a write locks
+# them, so a heartbeat and a write never deadlock. A claim of ours whose lease ran out is
+# renewed too: nobody took it (the owner would be another), so nobody wrote under a newer epoch.
 _BEAT = text(
     "WITH me AS (UPDATE replicas SET heartbeat_at = now(), lease_until = now() + "
     f"{_LEASE} WHERE name = :me AND instance = :instance RETURNING name),"
     f" renewed AS (UPDATE claims SET lease_until = now() + {_LEASE}"
-    " WHERE owner = :me AND EXISTS (SELECT 1 FROM me) RETURNING target, epoch)"
+    " WHERE target IN (SELECT target FROM claims WHERE owner = :me ORDER BY target FOR UPDATE)"
+    " AND EXISTS (SELECT 1 FROM me) RETURNING target, epoch)"
     " SELECT now() AS db_now, (SELECT count(*) FROM me) AS member,"
     " (SELECT count(*) FROM replicas WHERE lease_until >= now() AND name <> :me) AS others,"
     " (SELECT count(*) FROM claims WHERE target = ANY(:targets)"
@@ -167,7 +169,8 @@ _LEAVE = text("DELETE FROM replicas WHERE name = :me AND instance = :instance")
 # The fence of a write (inside its transaction): which of these targets we still hold, and under
 # which epoch. FOR SHARE keeps a claimer from taking them until the write commits.
 HELD = text(
-    "SELECT target, epoch FROM claims WHERE owner = :me AND target = ANY(:targets) FOR SHARE"
+    "SELECT target, epoch FROM claims WHERE owner = :me AND target = ANY(:targets)"
+    " ORDER BY target FOR SHARE"
 ).bindparams(bindparam("targets", type_=_NAMES))
 
 _MEMBERS = text(
