@@ -86,7 +86,9 @@ def tick_for(intervals: Sequence[float]) -> float:
 class Holder(Protocol):
     """What the cluster asks of the scheduler and the pollers."""
 
-    def hold(self, name: str, *, not_before: datetime, skew: timedelta) -> None: ...
+    def hold(
+        self, name: str, *, not_before: datetime, skew: timedelta, soon: bool = False
+    ) -> None: ...
 
     def drop(self, name: str) -> None: ...
 
@@ -261,15 +263,17 @@ class Cluster:
         log.info("released targets for another replica", extra={"targets": len(surplus)})
 
     def _gain(self, claimed: Claimed, db_now: datetime) -> None:
-        interval = self._targets[claimed.target]
-        earliest = db_now
-        if claimed.last_attempt_at is not None:
-            earliest = max(earliest, claimed.last_attempt_at + timedelta(seconds=interval / 2))
+        interval = timedelta(seconds=self._targets[claimed.target])
+        last = claimed.last_attempt_at
+        # Never polled, or overdue (its owner was killed, or no daemon ran): poll soon, spread
+        # as at a start; else at the slot after the previous owner's last poll.
+        soon = last is None or last + interval <= db_now
+        earliest = db_now if last is None else max(db_now, last + interval / 2)
         skew = timedelta(seconds=self.skew)
         self._on_claimed(claimed.target)
         with self._lock:
             self._held[claimed.target] = _Held(claimed.epoch)
-        self._holder.hold(claimed.target, not_before=earliest + skew, skew=skew)
+        self._holder.hold(claimed.target, not_before=earliest + skew, skew=skew, soon=soon)
         log.info("target claimed", extra={"target": claimed.target, "epoch": claimed.epoch})
 
     def _lost_membership(self) -> None:

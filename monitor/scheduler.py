@@ -243,15 +243,21 @@ class PollScheduler:
         self._watchdog = threading.Thread(target=self._watch, name="poll-watchdog", daemon=True)
         self._watchdog.start()
 
-    def hold(self, name: str, *, not_before: datetime, skew: timedelta) -> None:
-        """Poll ``name`` from its first shared slot at or after ``not_before`` (local time)."""
+    def hold(self, name: str, *, not_before: datetime, skew: timedelta, soon: bool = False) -> None:
+        """Poll ``name`` from its first shared slot at or after ``not_before`` (local time);
+        ``soon`` (never polled, or overdue): first within min(interval, 30 s) of now, at a
+        place of its own in that window, then on the shared slots."""
         target = self._by_name[name]
         origin, seed = shared_grid(name, target.interval, skew)
         trigger = SlotTrigger(
             interval=target.interval, jitter=target.jitter, origin=origin, seed=seed
         )
         trigger.not_before = not_before
-        first = trigger.get_next_fire_time(None, self._now())
+        now = self._now()
+        first = trigger.get_next_fire_time(None, now)
+        if soon:
+            spread = min(target.interval, FIRST_SPREAD_MAX) * seed / 2**32
+            first = max(now, not_before) + timedelta(seconds=spread)
         self.triggers[name] = trigger
         self._scheduler.add_job(
             _Job(target, trigger, self._backoff_max, self._reschedule, self._now),

@@ -38,9 +38,13 @@ class Holder:
 
     held: dict[str, datetime] = field(default_factory=dict)
 
-    def hold(self, name: str, *, not_before: datetime, skew: timedelta) -> None:
+    soon: set[str] = field(default_factory=set)
+
+    def hold(self, name: str, *, not_before: datetime, skew: timedelta, soon: bool = False) -> None:
         assert name not in self.held, f"{name} held twice"
         self.held[name] = not_before
+        if soon:
+            self.soon.add(name)
 
     def drop(self, name: str) -> None:
         del self.held[name]
@@ -149,18 +153,22 @@ def test_heartbeats_keep_the_claims_past_their_first_lease(engine: Engine) -> No
 def test_a_claim_is_first_polled_half_an_interval_after_the_last_poll(engine: Engine) -> None:
     with engine.begin() as connection:
         last = connection.execute(text("SELECT now() - interval '10 seconds'")).scalar_one()
-        connection.execute(
-            text(
-                "UPDATE poll_state SET last_attempt_at = :at"
-                " WHERE target_id = (SELECT id FROM targets WHERE name = 't0')"
-            ),
-            {"at": last},
-        )
+        for name, at in (("t0", last), ("t1", last - timedelta(seconds=80))):
+            connection.execute(
+                text(
+                    "UPDATE poll_state SET last_attempt_at = :at"
+                    " WHERE target_id = (SELECT id FROM targets WHERE name = :name)"
+                ),
+                {"at": at, "name": name},
+            )
     a, held = replica(engine, "a")
     before = datetime.now(UTC)
     a.step()
-    # t0 was polled 10 s ago: not before 30 s after that; the others at once (never polled).
+    # t0 was polled 10 s ago (a handover): on its slots, not before 30 s after that poll.
     assert abs((held.held["t0"] - (last + timedelta(seconds=30))).total_seconds()) < 1
+    assert "t0" not in held.soon
+    # t1 is overdue (its owner was killed), t2-t4 were never polled: soon.
+    assert held.soon == {"t1", "t2", "t3", "t4"}
     for name in ("t1", "t2", "t3", "t4"):
         assert abs((held.held[name] - before).total_seconds()) < 1
 
@@ -343,6 +351,10 @@ def test_a_held_target_runs_on_its_shared_slots_from_not_before_and_dropped_not_
         scheduler.drop("prod")
         scheduler.drop("prod")  # twice is harmless
         assert scheduler.next_run_times() == {}
+        # Soon (never polled, or overdue): within min(interval, 30 s) of not_before.
+        scheduler.hold("staging", not_before=now, skew=skew, soon=True)
+        soon = scheduler.next_run_times()["staging"]
+        assert soon is not None and now <= soon < now + timedelta(seconds=30)
     finally:
         scheduler.shutdown()
 

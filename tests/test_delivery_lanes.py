@@ -237,7 +237,7 @@ def test_each_url_of_an_alertmanager_sink_is_a_lane_of_its_own(
 
 
 def _daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "GM_TEST_SECRET": SECRET, "GM_TEST_API_TOKEN": "t"}
+    env = {**os.environ, "GM_TEST_SECRET": SECRET, "GM_TEST_API_TOKEN": "t", "GM_TEST_FP": "fp"}
     with log.open("ab") as out:
         return subprocess.Popen(
             [*CLI, "run", "-c", str(config)], env=env, stdout=out, stderr=subprocess.STDOUT
@@ -256,7 +256,9 @@ def _replica_configs(
         path = write_config(
             tmp_path / name, sim, interval=interval, storage_url=postgres_url, extra=sink
         )
-        path.write_text(path.read_text().replace('name = "prod"', f'name = "{name}"'))
+        text = path.read_text().replace('name = "prod"', f'name = "{name}"')
+        # Replicas share one fingerprint key (a replica with another is refused).
+        path.write_text(text.replace("[monitor]", '[monitor]\nfingerprint_key_env = "GM_TEST_FP"'))
         configs[name] = path
     return configs
 
