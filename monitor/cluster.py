@@ -9,9 +9,10 @@ live and how many claims are free; then it evens out the split:
   owner, or a lease run out: a replica killed without a word), above it, and only when no
   claim is free (so somebody is waiting for work: a newcomer), it releases its surplus;
 - a claim gained is polled first at the target's next slot at or after half an interval past
-  the previous owner's last poll (``poll_state.last_attempt_at``), never at once: slots are
-  the same on every replica (the phase comes from the target's name, on database time), so a
-  handover keeps one poll per interval;
+  the previous owner's last poll (``poll_state.last_attempt_at``), not at once: slots are the
+  same on every replica (the phase comes from the target's name, on database time), so a
+  handover keeps one poll per interval; a target never polled, or overdue (its owner was
+  killed), is polled soon, spread as at a start;
 - a claim lost (our lease ran out while the database was away, and another replica took it)
   is dropped from the schedule;
 - the state gauges of the targets other replicas poll are refreshed from the database.
