@@ -1,6 +1,6 @@
 """A simulated GenAuth (Authing V3) management API on loopback, for ``demo``, tests and benchmarks.
 
-It is a real HTTP/1.1 server (Starlette on uvicorn, in a background thread) that speaks the two
+It is a real HTTP/1.1 server (Starlette on uvicorn, in a background thread) that speaks the
 endpoints the monitor uses, so the client is exercised over real sockets:
 
 ``POST /api/v3/get-management-token``
@@ -32,6 +32,14 @@ endpoints the monitor uses, so the client is exercised over real sockets:
 
     Pool header missing or not this pool: ``403`` with ``statusCode`` 403, apiCode 2003.
 
+``POST /api/v3/get-admin-audit-logs``
+    The same token and pool checks; body ``{start?, end? (ms since the epoch), operationType?,
+    resourceType?, userId?, clientIp?, requestId?, success?, pagination: {page, limit}}``.
+    Answers ``{"statusCode": 200, "data": {"totalCount": n, "list": [...]}}`` of the admin audit
+    log (:mod:`.audit`): one entry per change made with :meth:`SimulatedGenAuth.set_data`
+    (``by=`` names the admin; ``by=None`` records nothing), newest first, ``limit`` capped at 50.
+    ``sim.audit.lag`` delays entries; faults ``forbidden`` (403) and ``not_offered`` (404).
+
 Any other path or method answers 404 with an envelope (``statusCode`` 404, apiCode 1000), except
 ``HEAD`` of get-email-provider, answered like its ``GET`` without the body (as Starlette routes
 do). JSON is ASCII with ``\\u`` escapes, so any string can be served, lone surrogates included.
@@ -47,18 +55,21 @@ answers), :mod:`.http` (the app, the server, :class:`SimulatedGenAuth`), :mod:`.
 demo's changing configuration and ``python -m monitor.simulator --port 8080``).
 """
 
+from monitor.simulator.audit import DEFAULT_ADMIN, Admin
 from monitor.simulator.faults import FAULT_KINDS, STREAM_FAULT_KINDS, TOKEN_FAULT_KINDS
 from monitor.simulator.http import SimulatedGenAuth
 from monitor.simulator.scenario import DEMO_SCENARIO, main, run_scenario
 from monitor.simulator.state import DEFAULT_DATA
 from monitor.simulator.wire import (
     API_CODE_BAD_REQUEST,
+    API_CODE_FORBIDDEN,
     API_CODE_INTERNAL_ERROR,
     API_CODE_INVALID_CREDENTIALS,
     API_CODE_INVALID_TOKEN,
     API_CODE_POOL_MISMATCH,
     API_CODE_RATE_LIMITED,
     API_CODE_TOKEN_EXPIRED,
+    AUDIT_LOG_PATH,
     PROVIDER_PATH,
     TOKEN_PATH,
     Endpoint,
@@ -66,12 +77,15 @@ from monitor.simulator.wire import (
 
 __all__ = [
     "API_CODE_BAD_REQUEST",
+    "API_CODE_FORBIDDEN",
     "API_CODE_INTERNAL_ERROR",
     "API_CODE_INVALID_CREDENTIALS",
     "API_CODE_INVALID_TOKEN",
     "API_CODE_POOL_MISMATCH",
     "API_CODE_RATE_LIMITED",
     "API_CODE_TOKEN_EXPIRED",
+    "AUDIT_LOG_PATH",
+    "DEFAULT_ADMIN",
     "DEFAULT_DATA",
     "DEMO_SCENARIO",
     "FAULT_KINDS",
@@ -79,6 +93,7 @@ __all__ = [
     "STREAM_FAULT_KINDS",
     "TOKEN_FAULT_KINDS",
     "TOKEN_PATH",
+    "Admin",
     "Endpoint",
     "SimulatedGenAuth",
     "main",

@@ -29,11 +29,15 @@ the streaming kinds, for which ``delay`` is the pace):
 ``dense_json``           HTTP 200, a valid config padded with ``size`` bytes of tiny JSON objects
                          (``[{},{},...]``: the most Python objects per byte a parser can be made
                          to build) [stream]
+``forbidden``            HTTP 403, envelope ``statusCode`` 403 "no permission", apiCode 2004 [3]
+``not_offered``          HTTP 404 with the unknown-path envelope, as a private deployment without
+                         the endpoint answers [3]
 ======================== =========================================================================
 
 [1] get-email-provider only, answered in place of the configuration once the token and pool
-checks pass. [2] get-email-provider only, answered before the checks. Every other kind applies
-to every endpoint and is answered before the endpoint looks at the request.
+checks pass. [2] get-email-provider only, answered before the checks. [3] get-admin-audit-logs
+only, answered before the checks. Every other kind applies to every endpoint and is answered
+before the endpoint looks at the request.
 
 How each answer reaches the wire: the ordinary ones are Starlette responses. Of the hostile
 [stream] ones, ``huge_body``, ``endless`` and ``drip`` are ``StreamingResponse`` bodies (uvicorn
@@ -57,6 +61,8 @@ from typing import Any, Final, TypedDict, Unpack
 from starlette.responses import Response, StreamingResponse
 
 from monitor.simulator.wire import (
+    API_CODE_BAD_REQUEST,
+    API_CODE_FORBIDDEN,
     API_CODE_INTERNAL_ERROR,
     API_CODE_INVALID_TOKEN,
     API_CODE_RATE_LIMITED,
@@ -313,6 +319,18 @@ _KINDS: Final[dict[str, _Kind]] = {
         needs_delay=True,
     ),
     "dense_json": _Kind(early=lambda fault, pause: _whole(_dense_json(fault.size)), stream=True),
+    "forbidden": _Kind(
+        early=lambda fault, pause: json_response(
+            403, error_body(403, "no permission", API_CODE_FORBIDDEN)
+        ),
+        only=Endpoint.AUDIT_LOG,
+    ),
+    "not_offered": _Kind(
+        early=lambda fault, pause: json_response(
+            404, error_body(404, "not found", API_CODE_BAD_REQUEST)
+        ),
+        only=Endpoint.AUDIT_LOG,
+    ),
 }
 
 

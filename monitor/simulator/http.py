@@ -49,6 +49,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from monitor.simulator.audit import DEFAULT_ADMIN, Admin, AuditLog, AuditQuery
 from monitor.simulator.faults import (
     Fault,
     FaultOptions,
@@ -65,6 +66,7 @@ from monitor.simulator.wire import (
     API_CODE_INVALID_TOKEN,
     API_CODE_POOL_MISMATCH,
     API_CODE_TOKEN_EXPIRED,
+    AUDIT_LOG_PATH,
     PROVIDER_PATH,
     TOKEN_PATH,
     Endpoint,
@@ -227,7 +229,7 @@ class _RawResponse(Response):
 
 
 class _Endpoints:
-    """The two endpoints of the V3 API the monitor uses."""
+    """The endpoints of the V3 API the monitor uses."""
 
     def __init__(self, pool: PoolState, server: _Server) -> None:
         self._pool = pool
@@ -269,10 +271,8 @@ class _Endpoints:
         data = {"access_token": token, "expires_in": ttl}
         return json_response(200, dumps({"statusCode": 200, "message": "success", "data": data}))
 
-    async def provider(self, request: Request) -> Response:
-        fault, answer = await self._fault_first(Endpoint.PROVIDER, request)
-        if answer is not None:
-            return answer
+    def _refused(self, request: Request) -> Response | None:
+        """The answer to a request without a good token and this pool's id, else None."""
         headers = request.headers
         scheme, _, token = (headers.get("authorization") or "").partition(" ")
         problem = (
@@ -285,8 +285,65 @@ class _Endpoints:
         if pool_id != self._pool.userpool_id:
             message = "userpool id missing or does not match the token"
             return json_response(403, error_body(403, message, API_CODE_POOL_MISMATCH))
+        return None
+
+    async def provider(self, request: Request) -> Response:
+        fault, answer = await self._fault_first(Endpoint.PROVIDER, request)
+        if answer is not None:
+            return answer
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
         body = None if fault is None else late_body(fault, self._pool.data)
         return json_response(200, self._pool.success_body() if body is None else body)
+
+    async def audit_log(self, request: Request) -> Response:
+        body = await request.body()
+        _, answer = await self._fault_first(Endpoint.AUDIT_LOG, request)
+        if answer is not None:
+            return answer
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        query = _audit_query(body)
+        if query is None:
+            return json_response(400, error_body(400, "invalid request body", API_CODE_BAD_REQUEST))
+        total, entries = self._pool.audit.query(query)
+        data = {"totalCount": total, "list": entries}
+        return json_response(200, dumps({"statusCode": 200, "message": "Success", "data": data}))
+
+
+def _audit_query(body: bytes) -> AuditQuery | None:
+    """The filters and page of a get-admin-audit-logs body; None when it is not one."""
+    try:
+        sent = json.loads(body or b"{}")
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(sent, dict):
+        return None
+    paging = sent.get("pagination") or {}
+    texts = ("operationType", "resourceType", "userId", "clientIp", "requestId")
+    numbers = [sent.get("start"), sent.get("end"), paging.get("page", 1), paging.get("limit", 10)]
+    if (
+        not isinstance(paging, dict)
+        or any(v is not None and not isinstance(v, str) for v in map(sent.get, texts))
+        or any(v is not None and (type(v) is not int) for v in numbers)
+        or sent.get("success") not in (None, True, False)
+    ):
+        return None
+    start, end, page, limit = numbers
+    return AuditQuery(
+        start_ms=start,
+        end_ms=end,
+        operation_type=sent.get("operationType"),
+        resource_type=sent.get("resourceType"),
+        user_id=sent.get("userId"),
+        client_ip=sent.get("clientIp"),
+        request_id=sent.get("requestId"),
+        success=sent.get("success"),
+        page=page if page is not None else 1,
+        limit=limit if limit is not None else 10,
+    )
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
@@ -299,6 +356,7 @@ def _app(pool: PoolState, server: _Server) -> Starlette:
         routes=[
             Route(TOKEN_PATH, endpoints.token, methods=["POST"]),
             Route(PROVIDER_PATH, endpoints.provider, methods=["GET"]),
+            Route(AUDIT_LOG_PATH, endpoints.audit_log, methods=["POST"]),
         ],
         # A known path with another method is as unknown as any other path (the old
         # simulator's answer; Starlette's would be a 405).
@@ -417,9 +475,22 @@ class SimulatedGenAuth:
         """A deep copy of the configuration currently served."""
         return self.pool.data
 
-    def set_data(self, data: Mapping[str, Any]) -> None:
-        """Serve ``data`` (deep-copied) from now on."""
+    def set_data(self, data: Mapping[str, Any], *, by: Admin | None = DEFAULT_ADMIN) -> None:
+        """Serve ``data`` (deep-copied) from now on, a change made in the console by ``by``
+        and recorded in the admin audit log; ``by=None``: a change the log never records."""
+        old = self.pool.data
         self.pool.set_data(data)
+        if by is not None:
+            self.pool.audit.record_change(by, old, self.pool.data)
+
+    @property
+    def audit(self) -> AuditLog:
+        """The admin audit log: ``record(...)`` adds an entry, ``lag`` delays what is served."""
+        return self.pool.audit
+
+    @property
+    def audit_log_requests(self) -> int:
+        return self.pool.requests(Endpoint.AUDIT_LOG)
 
     @property
     def token_requests(self) -> int:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from monitor.simulator.audit import AuditLog
 from monitor.simulator.faults import Fault
 from monitor.simulator.wire import Endpoint, dumps, success_body
 
@@ -85,6 +86,8 @@ class PoolState:
         self._faults: dict[Endpoint, _Armed] = {}
         self._data: dict[str, Any] = {}
         self._body = b""
+        #: The admin audit log (get-admin-audit-logs), on this pool's clock.
+        self.audit = AuditLog(clock)
         self.set_data(DEFAULT_DATA if data is None else data)
 
     # -- the configuration served ---------------------------------------------------------

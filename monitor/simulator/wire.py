@@ -14,12 +14,14 @@ from typing import Any, Final
 
 __all__ = [
     "API_CODE_BAD_REQUEST",
+    "API_CODE_FORBIDDEN",
     "API_CODE_INTERNAL_ERROR",
     "API_CODE_INVALID_CREDENTIALS",
     "API_CODE_INVALID_TOKEN",
     "API_CODE_POOL_MISMATCH",
     "API_CODE_RATE_LIMITED",
     "API_CODE_TOKEN_EXPIRED",
+    "AUDIT_LOG_PATH",
     "JSON_TYPE",
     "PROVIDER_PATH",
     "TOKEN_PATH",
@@ -31,12 +33,14 @@ __all__ = [
 
 TOKEN_PATH: Final = "/api/v3/get-management-token"
 PROVIDER_PATH: Final = "/api/v3/get-email-provider"
+AUDIT_LOG_PATH: Final = "/api/v3/get-admin-audit-logs"
 
 API_CODE_BAD_REQUEST: Final = 1000
 API_CODE_INVALID_CREDENTIALS: Final = 2000
 API_CODE_INVALID_TOKEN: Final = 2001
 API_CODE_TOKEN_EXPIRED: Final = 2002
 API_CODE_POOL_MISMATCH: Final = 2003
+API_CODE_FORBIDDEN: Final = 2004  # the key may not read this (the audit log needs a permission)
 API_CODE_RATE_LIMITED: Final = 4290
 API_CODE_INTERNAL_ERROR: Final = 5000
 
@@ -50,6 +54,7 @@ class Endpoint(StrEnum):
 
     TOKEN = "token"
     PROVIDER = "provider"
+    AUDIT_LOG = "audit_log"
 
 
 def dumps(obj: Any) -> bytes:
