@@ -178,6 +178,10 @@ def list_events(
     until: str | None = None,
     limit: Limit = 100,
     cursor: str | None = None,
+    actor: Annotated[
+        str | None,
+        Query(description="only events one of whose actors has this admin id or display name"),
+    ] = None,
 ) -> EventPage:
     page = commands.events(
         target=target,
@@ -188,6 +192,7 @@ def list_events(
         limit=limit,
         max_limit=MAX_LIMIT,
         cursor=cursor,
+        actor=actor,
     )
     return EventPage(events=[EventOut.of(row) for row in page.rows], next_cursor=page.next_cursor)
 

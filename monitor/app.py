@@ -19,6 +19,8 @@ from monitor import __version__
 from monitor.alerts import AlertmanagerSink, DeliveryWorker, Sink, SlackSink, WebhookSink
 from monitor.alerts.worker import SinkPolicy
 from monitor.api import create_app
+from monitor.attribution import AttributionWorker, TargetLog
+from monitor.audit_log import AuditLogReader
 from monitor.cluster import LEASE, Cluster, default_replica_name, key_check
 from monitor.config import Settings, SinkSettings, TargetSettings
 from monitor.core.alerting import SinkRoute
@@ -33,6 +35,7 @@ from monitor.scheduler import PollScheduler, ScheduledTarget
 from monitor.service import TargetPoller
 from monitor.startup import lock_sqlite
 from monitor.storage import Queries, Store, create_store_engine, upgrade
+from monitor.storage.attribution import Attributions
 from monitor.storage.claims import ClaimStore, Member, MirroredState
 from monitor.storage.outbox import Outbox
 from monitor.timeutil import Clock, utc_now
@@ -59,6 +62,7 @@ class Runtime:
     delivery: DeliveryWorker
     sessions: tuple[requests.Session, ...]  # upstream and sinks: aborted when stopping
     pollers: dict[str, TargetPoller] = field(default_factory=dict)
+    attribution: AttributionWorker | None = None  # SPEC §11: the pending lookups' worker
 
 
 def _sink(sink: SinkSettings, session: requests.Session, url: str) -> Sink:
@@ -120,9 +124,25 @@ def build_runtime(
     sink_session = bounded_session()
     delivery = _delivery(settings, engine, metrics, clock, sink_session)
     routes = [SinkRoute(s.name, s.min_severity, s.kinds, len(s.lane_urls)) for s in settings.sinks]
+    attributions = Attributions(
+        engine,
+        enabled=[target.name for target in settings.targets if target.attribution],
+        routes=routes,
+        # Alertmanager gets the actors in the annotations of its next re-post instead.
+        follow_up_sinks=[s.name for s in settings.sinks if s.type in ("webhook", "slack")],
+        wait=settings.monitor.attribution_wait,
+        clock=clock,
+        on_outbox=delivery.wake,
+    )
     runtime = Runtime(
         settings=settings,
-        store=Store(engine, routes=routes, on_outbox=delivery.wake, replica=replica),
+        store=Store(
+            engine,
+            routes=routes,
+            on_outbox=delivery.wake,
+            replica=replica,
+            attribution=attributions,
+        ),
         queries=Queries(engine),
         registry=registry,
         metrics=metrics,
@@ -134,16 +154,22 @@ def build_runtime(
     runtime.sessions = (shared_session, sink_session)
     limits: dict[str, RateLimit] = {}  # one per base_url: the cap is per host, not per target
     rate = settings.monitor.max_requests_per_second
+    audit_logs: dict[str, TargetLog] = {}
     for target in settings.targets:
         timeout = target.effective_timeout(settings.monitor)
+        client = _client(
+            settings,
+            target,
+            shared_session,
+            limits.setdefault(target.base_url, RateLimit(rate)) if rate else None,
+        )
+        if target.attribution:  # the poller's client: one token cache for both
+            audit_logs[target.name] = TargetLog(
+                AuditLogReader(client), tuple(target.attribution_resource_types)
+            )
         poller = TargetPoller(
             name=target.name,
-            fetcher=_client(
-                settings,
-                target,
-                shared_session,
-                limits.setdefault(target.base_url, RateLimit(rate)) if rate else None,
-            ),
+            fetcher=client,
             store=runtime.store,
             metrics=runtime.metrics,
             fingerprint_key=key,
@@ -160,6 +186,13 @@ def build_runtime(
             poller.on_pending = functools.partial(recorder.mark, poller)
         poller.restore(runtime.store.ensure_target(target.name, now=clock()))
         runtime.pollers[target.name] = poller
+    runtime.attribution = AttributionWorker(
+        attributions=attributions,
+        logs=audit_logs,
+        metrics=metrics,
+        clock=clock,
+        margin=settings.monitor.attribution_margin,
+    )
     return runtime
 
 
@@ -313,6 +346,8 @@ class Daemon:
         self.http.start()
         self.recorder.start(self.runtime.store)
         self.runtime.delivery.start()
+        if self.runtime.attribution is not None:
+            self.runtime.attribution.start()
         self.scheduler.start()
         if self.cluster is not None:
             self.cluster.start()
@@ -338,6 +373,8 @@ class Daemon:
         if self.cluster is not None:
             # After the recorder: the next owner reads when we last polled from poll_state.
             self.cluster.stop()
+        if self.runtime.attribution is not None:
+            self.runtime.attribution.stop(timeout=1.0)
         self.runtime.delivery.stop(timeout=1.0)
         self.http.stop()
         self.runtime.store.engine.dispose()

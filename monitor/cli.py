@@ -137,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     history.add_argument("--until", help="RFC 3339 time or age such as 1h")
     history.add_argument("--kind", action="append", help="event kind (repeatable, or a,b)")
     history.add_argument("--limit", type=int, default=50)
+    history.add_argument(
+        "--actor", metavar="ID_OR_NAME", help="only changes made by this admin (id or name)"
+    )
     history.add_argument("--json", action="store_true", help="same as --format json")
     history.add_argument("--format", choices=("table", "json", "jsonl", "csv"), default="table")
 

@@ -26,6 +26,7 @@ from monitor.commands import AuditCommands
 from monitor.config import Settings, default_config_path, load_settings
 from monitor.config_summary import summary
 from monitor.core import dumps_json, escape_text, field_value
+from monitor.core.attribution import describe
 from monitor.errors import StorageError, UsageError
 from monitor.storage import Queries, create_store_engine
 from monitor.storage.engine import open_read_only, require_current_schema
@@ -160,6 +161,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     results = [
         poller.poll() for name, poller in runtime.pollers.items() if args.target in (None, name)
     ]
+    _await_attribution(runtime, results, since=started)
     report = []
     for result in results:
         entry: dict[str, Any] = {"target": result.target, "ok": result.ok}
@@ -198,7 +200,28 @@ def _cmd_check(args: argparse.Namespace) -> int:
             print(_check_line(entry))
             for event in entry["events"]:
                 print(f"    {event['severity']}: {escape_text(event['message'])}")
+                who = describe(event["kind"], event.get("attribution"), event.get("actors", []))
+                if who is not None:
+                    print(f"      who: {escape_text(who)}")
     return code
+
+
+def _await_attribution(runtime: Any, results: list[Any], *, since: datetime) -> None:
+    """Let the attribution of the changes this check recorded settle, for at most
+    ``attribution_wait`` (SPEC §11), so its report and its alerts carry the actors."""
+    worker = runtime.attribution
+    if worker is None:
+        return
+    ids = [
+        row.row_id
+        for result in results
+        if result.events and result.stored
+        for row in runtime.queries.events(
+            target=result.target, since=since, limit=len(result.events)
+        )
+    ]
+    if ids:
+        worker.settle(ids, timeout=runtime.settings.monitor.attribution_wait + 1.0)
 
 
 def _check_events(queries: Queries, result: Any, *, since: datetime) -> list[dict[str, Any]]:
@@ -245,6 +268,7 @@ def _cmd_history(args: argparse.Namespace) -> int:
         until=args.until,
         limit=args.limit,
         max_limit=MAX_ROWS,
+        actor=args.actor,
     )
     _print_events(page.rows, "json" if args.json else args.format)
     return EXIT_OK
@@ -270,22 +294,44 @@ def _print_events(rows: list[EventView], fmt: str) -> None:
             "previous",
             "message",
             "changes",
+            "attribution",
+            "actors",
         ]
         writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
         for item in dicts:
             # Text cells escaped like the table (the exact text is in json/jsonl).
             row = {k: escape_text(v) if isinstance(v, str) else v for k, v in item.items()}
-            writer.writerow({**row, "changes": dumps_json(item["changes"])})
+            writer.writerow(
+                {
+                    **row,
+                    "changes": dumps_json(item["changes"]),
+                    "actors": dumps_json(item["actors"]),
+                }
+            )
         sys.stdout.write(out.getvalue())
     elif not rows:
         print("no events")
     else:
         table = [
-            [d["id"], d["at"], d["target"], d["kind"], d["severity"], d["status"], d["message"]]
+            [
+                d["id"],
+                d["at"],
+                d["target"],
+                d["kind"],
+                d["severity"],
+                d["status"],
+                d["message"],
+                _by(d),
+            ]
             for d in dicts
         ]
-        print(_table(table, ["ID", "AT", "TARGET", "KIND", "SEVERITY", "STATUS", "MESSAGE"]))
+        print(_table(table, ["ID", "AT", "TARGET", "KIND", "SEVERITY", "STATUS", "MESSAGE", "BY"]))
+
+
+def _by(event: dict[str, Any]) -> str:
+    """Who made it, for the table: the describe() line, or "-" when not attributed."""
+    return describe(event["kind"], event["attribution"], event["actors"]) or "-"
 
 
 @_reads_database

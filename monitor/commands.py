@@ -77,7 +77,10 @@ class AuditCommands:
         limit: int = 100,
         max_limit: int = 500,
         cursor: str | None = None,
+        actor: str | None = None,
     ) -> Page[EventView]:
+        """Events newest first; ``actor``: only those attributed (SPEC §11) to an admin with
+        this id or display name."""
         self.limit(limit, max_limit)
         if severity is not None and severity not in SEVERITIES:
             raise BadParameter("severity", f"must be one of {', '.join(SEVERITIES)}")
@@ -89,6 +92,7 @@ class AuditCommands:
             until=self.time("until", until),
             limit=limit,
             cursor=self.cursor(cursor),
+            actor=self.actor(actor),
         )
         return _page(rows, limit)
 
@@ -177,6 +181,15 @@ class AuditCommands:
         if unknown:
             raise BadParameter("kind", f"unknown event kind {unknown[0]!r}")
         return kinds
+
+    @staticmethod
+    def actor(value: str | None) -> str | None:
+        """An admin id or display name: not empty, at most 128 characters, no NUL."""
+        if value is None:
+            return None
+        if not value or len(value) > 128 or "\x00" in value:
+            raise BadParameter("actor", "must be an admin id or display name (1-128 characters)")
+        return value
 
     @staticmethod
     def cursor(value: str | None) -> str | None:

@@ -204,6 +204,49 @@ class GenAuthClient:
         self._invalidate(request)
         raise error from None
 
+    def call(self, path: str, payload: dict[str, Any], *, deadline: float) -> Any:
+        """POST ``payload`` as JSON to another management endpoint (``path``, such as the
+        admin audit log) with the cached token and the pool headers of ``get-email-provider``;
+        the envelope's ``data``. The same bounds (``timeout`` per request, ``deadline``,
+        monotonic, for the whole call), the same re-authentication once on a refused token and
+        the same failure reasons (:class:`UpstreamError`) as :meth:`fetch_email_provider`."""
+        endpoint = path.rsplit("/", 1)[-1]
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        rejected: _TokenRejected | None = None
+        with body_budget():
+            for _ in range(2):
+                auth = self._current_request(deadline)
+                headers = {**auth.headers, "Content-Type": "application/json"}
+                request = requests.Request(
+                    "POST", self.base_url + path, headers=headers, data=body
+                ).prepare()
+                try:
+                    return self._call(request, endpoint, deadline)
+                except _TokenRejected as exc:
+                    rejected = exc
+                self._invalidate(auth)
+        assert rejected is not None
+        raise UpstreamError(
+            "auth",
+            f"{endpoint} refused a freshly issued token: {rejected.message}",
+            http_status=rejected.http_status,
+            api_code=rejected.api_code,
+            request_id=rejected.request_id,
+        ) from None
+
+    def _call(self, request: requests.PreparedRequest, endpoint: str, deadline: float) -> Any:
+        response = self._send(request, endpoint, deadline)
+        if response.status == 401:
+            self._reject(response, None)
+        if not 200 <= response.status < 300:
+            self._fail_status(response, endpoint)
+        body = self._decode(response, endpoint)
+        if type(body) is not dict:
+            self._invalid(response, endpoint, f"body is {_kind(body)}, expected an object")
+        if body.get("statusCode") != 200:
+            self._fail_envelope(response, body, endpoint)
+        return body.get("data")
+
     # -- get-email-provider ---------------------------------------------------------------
 
     def _fetch(self, request: requests.PreparedRequest, deadline: float) -> dict[str, Any]:
@@ -400,7 +443,8 @@ class GenAuthClient:
             self._invalid(
                 response, endpoint, f"envelope statusCode is {_kind(code)}, expected a number"
             )
-        if endpoint == _PROVIDER_EP and _says_bad_token(code, body.get("message")):
+        # Any endpoint but the token's own may say the token went bad.
+        if endpoint != _TOKEN_EP and _says_bad_token(code, body.get("message")):
             self._reject(response, body)
         api_code, request_id, message = self._envelope_fields(body)
         text = f"{endpoint} failed with statusCode {code}"

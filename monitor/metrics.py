@@ -112,6 +112,14 @@ class Metrics:
             ["sink", "outcome"],
             registry=self._rest,
         )
+        # SPEC §11: the outcome of each settled attribution lookup (none/unavailable on a
+        # changed config is itself worth a look).
+        self.attributions = Counter(
+            "genauth_monitor_attributions",
+            "Change attributions settled, by result (single, ambiguous, none, unavailable).",
+            ["target", "result"],
+            registry=self._rest,
+        )
         self.outbox_pending = _OutboxPending()
         self._rest.register(self.outbox_pending)
         self.replicas = Gauge(

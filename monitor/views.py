@@ -20,6 +20,7 @@ from monitor.storage.queries import EventView, SnapshotView, TargetView
 from monitor.timeutil import format_time
 
 __all__ = [
+    "ActorOut",
     "ChangeOut",
     "ClusterOut",
     "DiffOut",
@@ -40,6 +41,7 @@ __all__ = [
 
 
 STATUSES: Final = ("firing", "resolved")
+ATTRIBUTIONS: Final = ("single", "ambiguous", "none", "unavailable", "pending")
 
 
 def _one_of(values: tuple[str, ...], description: str) -> WithJsonSchema:
@@ -53,6 +55,16 @@ KindName = Annotated[str, _one_of(EVENT_KINDS, "event kind (SPEC §4)")]
 #: ``info``, ``warning`` or ``critical``.
 SeverityName = Annotated[str, _one_of(SEVERITIES, "severity")]
 StatusName = Annotated[str, _one_of(STATUSES, "firing, or resolved (ends an alert)")]
+AttributionName = Annotated[
+    str,
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "string", "enum": list(ATTRIBUTIONS)}, {"type": "null"}],
+            "description": "who made the change (SPEC §11); null: not caused by an upstream "
+            "change, or attribution off for the target",
+        }
+    ),
+]
 
 
 def to_json(model: BaseModel) -> dict[str, Any]:
@@ -79,6 +91,23 @@ class ChangeOut(_Out):
     new: Any = Field(description="value after (null: absent); secrets as hmac-sha256 prints")
 
 
+class ActorOut(_Out):
+    """One admin audit log entry behind a change (SPEC §11). Upstream text, kept as sent (cut
+    to length); the free-text fields of the entry are never kept."""
+
+    admin_user_id: str
+    display_name: str | None
+    client_ip: str | None
+    location: str | None = Field(description="city, region, country of the client IP")
+    user_agent: str | None
+    operation_type: str
+    resource_type: str | None
+    request_id: str | None
+    at: str | None = Field(description="RFC 3339, UTC; the vendor's timestamp converted")
+    success: bool
+    likely: bool = Field(description="the entry's details mention the email provider")
+
+
 class EventOut(_Out):
     id: str = Field(description="unique across databases and restores (a UUID); never reused")
     target: str
@@ -90,6 +119,8 @@ class EventOut(_Out):
     previous: str | None
     changes: list[ChangeOut]
     message: str
+    attribution: AttributionName | None
+    actors: list[ActorOut] = Field(description="likely ones first, then newest first")
 
     @classmethod
     def of(cls, v: EventView) -> Self:
@@ -104,6 +135,8 @@ class EventOut(_Out):
             previous=v.previous,
             changes=[ChangeOut(**change) for change in v.changes],
             message=v.message,
+            attribution=v.attribution,
+            actors=[ActorOut(**actor) for actor in v.actors],
         )
 
 

@@ -37,6 +37,8 @@ EVENT_FIELDS = {
     "previous",
     "changes",
     "message",
+    "attribution",
+    "actors",
 }
 
 

@@ -38,6 +38,9 @@ def _runtime(
     sinks: list[dict[str, Any]],
     **target: Any,
 ) -> Runtime:
+    # Delivery alone: no attribution worker runs here to release held alerts (SPEC §11's hold
+    # and follow-ups are tested in test_attribution.py).
+    target.setdefault("attribution", False)
     settings = runtime_settings(
         db_url, sim, tmp_path, sinks=sinks, monitor={"failure_threshold": 2}, **target
     )
@@ -295,6 +298,7 @@ def test_repeat_interval_resends_a_still_firing_critical_alert(
             f"sqlite:///{tmp_path / 'rep.db'}",
             sim,
             tmp_path,
+            attribution=False,  # delivery alone, as in _runtime
             sinks=[
                 {
                     "type": "webhook",

@@ -203,7 +203,7 @@ def test_history_and_audit_commands(
 
     verify = run_main("verify", *c, env=env)
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    assert "4 rows" in verify.stdout
+    assert "5 rows" in verify.stdout, "2 snapshots, 2 events, the change's attribution"
 
 
 def test_read_only_commands_need_no_credentials(

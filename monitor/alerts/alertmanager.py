@@ -18,6 +18,8 @@ import requests
 
 from monitor.alerts.transport import post
 from monitor.core.alerting import ALERTNAMES, FAMILIES, FAMILY_SEVERITY, RESOLVES, firing_kind
+from monitor.core.attribution import describe
+from monitor.core.escape import escape_text
 from monitor.storage.queries import EventView
 from monitor.timeutil import format_time
 
@@ -50,6 +52,11 @@ def alert_for(event: EventView, *, notice_window: timedelta = NOTICE_WINDOW) -> 
         },
         "startsAt": format_time(event.at),
     }
+    who = describe(event.kind, event.attribution, event.actors)
+    if who is not None:
+        # SPEC §11: re-posts carry the actors once known (upstream text, escaped to one line).
+        alert["annotations"]["attribution"] = event.attribution or ""
+        alert["annotations"]["actors"] = escape_text(who)
     if event.kind in RESOLVES:
         alert["endsAt"] = format_time(event.at)
     elif event.kind not in FAMILIES:

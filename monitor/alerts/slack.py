@@ -16,6 +16,7 @@ from typing import Any, Final
 import requests
 
 from monitor.alerts.transport import post
+from monitor.core.attribution import describe
 from monitor.core.escape import escape_text
 from monitor.storage.queries import EventView
 from monitor.timeutil import format_time
@@ -51,6 +52,8 @@ def slack_message(event: EventView) -> dict[str, Any]:
     icon = ":white_check_mark:" if event.status == "resolved" else _ICONS[event.severity]
     severity = mrkdwn_escape(event.severity.upper())
     title = f"{icon} *{severity}* {_code(event.kind)} on *{mrkdwn_escape(event.target)}*"
+    if event.follow_up:
+        title += " (follow-up: who made it)"
     lines = [
         f"• {_code(str(c['path']))}: {_value(c['old'])} → {_value(c['new'])}"
         for c in event.changes[:_MAX_CHANGES]
@@ -60,7 +63,10 @@ def slack_message(event: EventView) -> dict[str, Any]:
     snapshot = mrkdwn_escape((event.snapshot or "-")[:19])
     footer = f"{format_time(event.at)} · snapshot {snapshot}"
     # The message quotes upstream paths and values: a code span, so it cannot even auto-link.
-    text = "\n".join([title, _code(event.message), *lines, footer])
+    # Who made it (SPEC §11): admin names and IPs are upstream text, so a code span too.
+    who = describe(event.kind, event.attribution, event.actors)
+    attribution = [] if who is None else [f"• who: {_code(who)}"]
+    text = "\n".join([title, _code(event.message), *attribution, *lines, footer])
     return {"text": text, "mrkdwn": True}
 
 

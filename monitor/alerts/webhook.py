@@ -38,10 +38,14 @@ class WebhookSink:
         self._secret = secret.encode() if secret is not None else None
 
     def send(self, event: EventView) -> None:
-        body = json.dumps(
-            to_json(EventOut.of(event)), ensure_ascii=False, separators=(",", ":")
-        ).encode()
+        payload = to_json(EventOut.of(event))
+        if event.follow_up:
+            # SPEC §4: the same event (same id) again, once its attribution settled.
+            payload["follow_up"] = True
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         headers = {"X-GenAuth-Monitor-Event": event.kind}
+        if event.follow_up:
+            headers["X-GenAuth-Monitor-Follow-Up"] = "true"
         if self._secret is not None:
             headers[SIGNATURE_HEADER] = sign(self._secret, body)
         post(self._session, self._url, body, timeout=self._timeout, headers=headers)

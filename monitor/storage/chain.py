@@ -25,6 +25,11 @@ position says which one it has:
 * ``chain_seq >= string_ids_from_chain_seq``: the content's ``id`` is the string id.
 
 Snapshot content never changed (a snapshot's public id is its hash).
+
+Attribution rows (SPEC §11, migration 0008) join the same chain when a lookup settles, after
+the event they attribute: their content is the event's row id, the result, the actors and the
+time it settled. They are never updated, so an edited actor breaks the chain like an edited
+event; the event row itself is never touched by attribution.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import Engine, select, update
 from sqlalchemy.engine import Connection, RowMapping
@@ -44,7 +49,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from monitor.core import canonical_json, snapshot_hash
 from monitor.errors import StorageError
 from monitor.storage.engine import describe_error
-from monitor.storage.schema import chain_head, events, meta, snapshots
+from monitor.storage.schema import attributions, chain_head, events, meta, snapshots
 from monitor.timeutil import format_time
 
 __all__ = [
@@ -53,6 +58,7 @@ __all__ = [
     "STRING_IDS_FROM",
     "ChainReport",
     "append",
+    "attribution_content",
     "derived_event_id",
     "event_content",
     "snapshot_content",
@@ -104,6 +110,28 @@ def event_content(row: RowMapping | dict[str, Any], *, string_id: bool) -> dict[
     }
 
 
+def attribution_content(row: RowMapping | dict[str, Any]) -> dict[str, Any]:
+    return {
+        "table": "attributions",
+        "id": row["id"],
+        "event_id": row["event_id"],
+        "result": row["result"],
+        "actors": json.loads(row["actors"]),
+        "settled_at": format_time(row["settled_at"]),
+    }
+
+
+_TABLES: Final = {"snapshots": snapshots, "events": events, "attributions": attributions}
+
+
+def _content(name: str, row: Any, *, string_id: bool = True) -> dict[str, Any]:
+    if name == "snapshots":
+        return snapshot_content(row)
+    if name == "attributions":
+        return attribution_content(row)
+    return event_content(row, string_id=string_id)
+
+
 def link(previous: str, seq: int, content: dict[str, Any]) -> str:
     body = canonical_json({"seq": seq, "row": content})
     return hashlib.sha256(previous.encode() + body).hexdigest()
@@ -119,10 +147,9 @@ def append(connection: Connection, table: str, row: dict[str, Any]) -> tuple[int
         select(chain_head.c.seq, chain_head.c.hash).where(chain_head.c.id == 1).with_for_update()
     ).one()
     seq = head.seq + 1
-    content = snapshot_content(row) if table == "snapshots" else event_content(row, string_id=True)
-    digest = link(head.hash, seq, content)
+    digest = link(head.hash, seq, _content(table, row))
     connection.execute(update(chain_head).where(chain_head.c.id == 1).values(seq=seq, hash=digest))
-    target = snapshots if table == "snapshots" else events
+    target = _TABLES[table]
     connection.execute(
         update(target).where(target.c.id == row["id"]).values(chain_seq=seq, chain_hash=digest)
     )
@@ -190,7 +217,7 @@ def _walk(connection: Connection) -> ChainReport:
     forms = _forms(connection)
     if isinstance(forms, str):
         return ChainReport(False, 0, GENESIS, forms)
-    for table, name in ((snapshots, "snapshots"), (events, "events")):
+    for name, table in _TABLES.items():
         stray = connection.execute(
             select(table.c.id).where(table.c.chain_seq.is_(None)).limit(1)
         ).first()
@@ -198,8 +225,7 @@ def _walk(connection: Connection) -> ChainReport:
             return ChainReport(False, 0, GENESIS, f"{name} id={stray.id} is outside the chain")
     previous, expected_seq = GENESIS, 1
     merged = heapq.merge(
-        _rows(connection, snapshots, "snapshots"),
-        _rows(connection, events, "events"),
+        *(_rows(connection, table, name) for name, table in _TABLES.items()),
         key=lambda item: item[0],
     )
     for seq, name, row in merged:
@@ -224,9 +250,7 @@ def _row_problem(
     if seq != expected:
         return f"{where}: expected chain_seq {expected}; a row before it was deleted or renumbered"
     string_id = seq >= forms.string_ids_from
-    content = (
-        snapshot_content(row) if name == "snapshots" else event_content(row, string_id=string_id)
-    )
+    content = _content(name, row, string_id=string_id)
     if link(previous, seq, content) != row["chain_hash"]:
         return f"{where}: content does not match its chain hash (edited or moved)"
     if (

@@ -272,6 +272,7 @@ class Outbox:
                 outbox.c.attempts,
                 outbox.c.next_attempt_at,
                 outbox.c.last_error,
+                outbox.c.follow_up.label("outbox_follow_up"),  # read by event_view
             )
             .join(outbox, outbox.c.event_id == events.c.id)
             .where(outbox.c.status.in_(statuses))

@@ -6,16 +6,24 @@ import base64
 import json
 import re
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, Select, and_, or_, select
+from sqlalchemy import Engine, Select, and_, func, or_, select
 from sqlalchemy.engine import Connection, RowMapping
 
 from monitor.errors import MonitorError
 from monitor.storage.engine import connect
-from monitor.storage.schema import chain_head, events, poll_state, snapshots, targets
+from monitor.storage.schema import (
+    attribution_lookups,
+    attributions,
+    chain_head,
+    events,
+    poll_state,
+    snapshots,
+    targets,
+)
 from monitor.timeutil import format_time, parse_time_strict
 
 __all__ = [
@@ -64,6 +72,11 @@ class EventView:
     previous: str | None
     changes: list[dict[str, Any]]
     message: str
+    # SPEC §11: single | ambiguous | none | unavailable | pending, None when not attributed;
+    # the actors in the event JSON's form; follow_up: this delivery re-sends a settled event.
+    attribution: str | None = None
+    actors: list[dict[str, Any]] = field(default_factory=list)
+    follow_up: bool = False
 
     def cursor(self) -> str:
         return encode_cursor(self.at, self.row_id)
@@ -240,9 +253,13 @@ class Queries:
         until: datetime | None = None,
         limit: int = 100,
         cursor: str | None = None,
+        actor: str | None = None,
     ) -> list[EventView]:
-        """Events newest first; pass the last row's cursor to read the next page."""
+        """Events newest first; pass the last row's cursor to read the next page. ``actor``:
+        only events one of whose actors has this admin id or display name."""
         query = event_select()
+        if actor is not None:
+            query = query.where(_has_actor(actor))
         if target is not None:
             query = query.where(targets.c.name == target)
         if kinds:
@@ -297,7 +314,33 @@ def _snapshot_view(m: RowMapping) -> SnapshotView:
 
 
 def event_select() -> Select[Any]:
-    return select(events, targets.c.name).join(targets, targets.c.id == events.c.target_id)
+    """Events with their target's name and their attribution (settled, or a lookup pending)."""
+    return (
+        select(
+            events,
+            targets.c.name,
+            attributions.c.result.label("attribution_result"),
+            attributions.c.actors.label("attribution_actors"),
+            attribution_lookups.c.id.label("attribution_lookup"),
+        )
+        .join(targets, targets.c.id == events.c.target_id)
+        .outerjoin(attributions, attributions.c.event_id == events.c.id)
+        .outerjoin(attribution_lookups, attribution_lookups.c.event_id == events.c.id)
+    )
+
+
+def _like_literal(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _has_actor(actor: str) -> Any:
+    """The stored actors (JSON, keys sorted, as ``actors_json`` writes them) hold ``actor`` as
+    an admin id or display name: matched as the exact JSON text of that field, ignoring ASCII
+    case (the same on SQLite and PostgreSQL)."""
+    value = json.dumps(actor, ensure_ascii=False).lower()
+    stored = func.lower(attributions.c.actors)
+    fields = [f'"{key}": {value}' for key in ("admin_user_id", "display_name")]
+    return or_(*(stored.like("%" + _like_literal(f) + "%", escape="\\") for f in fields))
 
 
 def event_view(m: RowMapping) -> EventView:
@@ -313,7 +356,20 @@ def event_view(m: RowMapping) -> EventView:
         previous=m[events.c.previous_hash],
         changes=json.loads(m[events.c.changes]),
         message=m[events.c.message],
+        **_attribution_of(m),
     )
+
+
+def _attribution_of(m: RowMapping) -> dict[str, Any]:
+    """The attribution fields of an event row from :func:`event_select` (``pending`` while a
+    lookup is open), and ``follow_up`` of a row read with its outbox row."""
+    fields: dict[str, Any] = {"follow_up": bool(m.get("outbox_follow_up") or False)}
+    result = m.get("attribution_result")
+    if result is not None:
+        fields.update(attribution=result, actors=json.loads(m["attribution_actors"]))
+    elif m.get("attribution_lookup") is not None:
+        fields["attribution"] = "pending"
+    return fields
 
 
 def _target_view(m: RowMapping) -> TargetView:

@@ -19,11 +19,14 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    false,
 )
 
 __all__ = [
     "ID",
     "UTCDateTime",
+    "attribution_lookups",
+    "attributions",
     "claims",
     "delivery_lanes",
     "events",
@@ -171,6 +174,8 @@ outbox = Table(
     Column("next_attempt_at", UTCDateTime(), nullable=False),
     Column("delivered_at", UTCDateTime()),
     Column("last_error", Text),
+    # A re-send of the event once its attribution settled (SPEC §4 "follow_up"; migration 0008).
+    Column("follow_up", Boolean, nullable=False, server_default=false()),
     Index(None, "status", "sink", "lane", "id"),
     Index(None, "event_id"),
 )
@@ -231,4 +236,38 @@ claims = Table(
     Column("epoch", BigInteger, nullable=False),
     Column("lease_until", UTCDateTime()),
     Index(None, "owner"),
+)
+
+# Who made a change (SPEC §11; migration 0008). One row per attributed event once its lookup
+# settled: chained like snapshots and events, never updated (an edited actor breaks verify).
+attributions = Table(
+    "attributions",
+    metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),
+    Column("event_id", ID, ForeignKey("events.id"), nullable=False, unique=True),
+    Column("result", String(16), nullable=False),  # single | ambiguous | none | unavailable
+    Column("actors", Text, nullable=False),  # JSON list of the event JSON's actors
+    Column("settled_at", UTCDateTime(), nullable=False),
+    Column("chain_seq", ID, unique=True),
+    Column("chain_hash", String(64)),
+)
+
+# An event still being attributed: written with the event, deleted when its attribution row
+# is, so a restart or another replica finishes it. Outside the chain (it changes per attempt).
+attribution_lookups = Table(
+    "attribution_lookups",
+    metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),
+    Column("event_id", ID, ForeignKey("events.id"), nullable=False, unique=True),
+    Column("target_id", ID, ForeignKey("targets.id"), nullable=False),
+    Column("since", UTCDateTime()),  # the previous sighting (None: unknown)
+    Column("until", UTCDateTime(), nullable=False),  # this sighting (the event's time)
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("deadline", UTCDateTime(), nullable=False),  # created_at + attribution_wait
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", UTCDateTime(), nullable=False),
+    # The event's deliveries are not queued yet: a non-critical alert waits for its actors.
+    Column("hold_outbox", Boolean, nullable=False),
+    Column("last_error", Text),
+    Index(None, "next_attempt_at"),
 )

@@ -18,6 +18,7 @@ from monitor.core import EventDraft
 from monitor.core.alerting import SinkRoute
 from monitor.errors import ClaimLost, StaleStateError, StorageError
 from monitor.storage import chain, outbox
+from monitor.storage.attribution import Attributions
 from monitor.storage.claims import HELD
 from monitor.storage.engine import WRITE, describe_error
 from monitor.storage.schema import (
@@ -141,6 +142,7 @@ class Store:
         routes: Sequence[SinkRoute] = (),
         on_outbox: Callable[[], None] | None = None,
         replica: str | None = None,
+        attribution: Attributions | None = None,
     ) -> None:
         self.engine = engine
         # A replica's writes are fenced by its claims: each carries the epoch of the claim it
@@ -151,6 +153,8 @@ class Store:
         self._routes = tuple(routes)
         # Called after a commit that queued deliveries, to wake the delivery worker.
         self._on_outbox = on_outbox
+        # Opens the attribution lookup of each event in its transaction (SPEC §11).
+        self._attribution = attribution
 
     def ping(self) -> bool:
         try:
@@ -494,7 +498,17 @@ class Store:
                 insert(events).values(values).returning(events.c.id)
             ).scalar_one()
             Store._chain(tx, "events", {**values, "id": event_id})
-            if draft.notify and self._routes:
+            # A non-critical event waiting for its actors is queued when they are known.
+            held = self._attribution is not None and self._attribution.open(
+                tx.connection,
+                target=state.name,
+                target_id=state.target_id,
+                event_id=event_id,
+                values=values,
+                since=state.last_success_at,
+                notify=draft.notify,
+            )
+            if draft.notify and self._routes and not held:
                 tx.queued += outbox.enqueue(
                     tx.connection,
                     event_id=event_id,
