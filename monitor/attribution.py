@@ -87,27 +87,36 @@ class AttributionWorker:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            wait = ROUND_EVERY
             try:
                 self.run_once()
+                wait = self._seconds_to_next()
             except StorageError as exc:
                 log.warning("attribution paused: database unavailable", extra={"detail": str(exc)})
             except Exception:  # a bug must not end attribution for good
                 log.exception("attribution round failed")
-            self._wake.wait(ROUND_EVERY)
+            self._wake.wait(wait)
             self._wake.clear()
 
     # -- one round ---------------------------------------------------------------------------
 
     def run_once(self) -> int:
-        """Release late holds, then one attempt of each due lookup; the lookups settled."""
+        """One attempt of each due lookup (the last one, at the deadline, settles), then the
+        release of holds still past their deadline; the lookups settled."""
         now = self._clock()
-        self._attributions.release(now)
         settled = 0
         for lookup in self._attributions.due(now):
             if self._stop.is_set():
                 break
             settled += self._attempt(lookup)
+        self._attributions.release(self._clock())
         return settled
+
+    def _seconds_to_next(self) -> float:
+        due = self._attributions.next_due()
+        if due is None:
+            return ROUND_EVERY
+        return max(0.05, min(ROUND_EVERY, (due - self._clock()).total_seconds()))
 
     def settle(self, event_ids: Collection[int], timeout: float) -> int:
         """Run rounds until the lookups of these events are settled or ``timeout`` (monotonic

@@ -15,6 +15,7 @@ from sqlalchemy import URL, Connection, Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 from monitor.simulator import SimulatedGenAuth
+from tests.receiver import Receiver
 
 PG_ENV = "GENAUTH_MONITOR_TEST_POSTGRES_URL"
 
@@ -165,3 +166,11 @@ class FakeClock:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture
+def sink_receiver() -> Iterator[Receiver]:
+    """A loopback receiver for alert sinks (tests/receiver.py), stopped afterwards."""
+    made = Receiver()
+    yield made
+    made.stop()

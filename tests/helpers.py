@@ -164,8 +164,11 @@ def write_config(
     expect: str = "",
     extra: str = "",
     storage_url: str | None = None,
+    monitor: str = "",
 ) -> Path:
-    """A config for one target 'prod' on the simulator; the secret comes from GM_TEST_SECRET."""
+    """A config for one target 'prod' on the simulator; the secret comes from GM_TEST_SECRET.
+    ``monitor``: more lines of the [monitor] table; ``expect``: lines of the target's table
+    (and its [targets.expect]); ``extra``: tables after it (sinks)."""
     url = storage_url or f"sqlite:///{directory / 'monitor.db'}"
     path = directory / "genauth-monitor.toml"
     path.write_text(
@@ -175,6 +178,7 @@ interval = "{interval}"
 jitter = "0%"
 timeout = "2s"
 failure_threshold = 2
+{monitor}
 
 [storage]
 url = "{url}"

@@ -10,7 +10,8 @@ real log may: the monitor must never keep them. ``timestamp`` is written the ven
 
 A test says who made a change (``by=Admin(...)``), makes one the log never records
 (``by=None``), adds any entry it likes (:meth:`AuditLog.record`, with its own time), and makes
-the log lag (``lag``: an entry is served only ``lag`` seconds after its time). Queries filter by
+the log lag (``lag``: an entry is served only ``lag`` seconds after it was recorded, whatever
+its timestamp says, so a test can also place entries at times of a skewed clock). Queries filter by
 ``start``/``end`` (milliseconds since the epoch, inclusive) and the documented fields, newest
 first, ``pagination.page`` from 1 and ``pagination.limit`` capped at :data:`MAX_LIMIT`.
 """
@@ -75,7 +76,8 @@ class AuditQuery:
 
 @dataclass(frozen=True, slots=True)
 class _Entry:
-    at: float  # seconds since the epoch
+    at: float  # its timestamp, seconds since the epoch (a test may place it anywhere)
+    recorded: float  # when it was written (the pool's clock): the lag counts from here
     body: dict[str, Any]
 
 
@@ -139,7 +141,7 @@ class AuditLog:
             "requestId": request_id or str(uuid.uuid4()),
         }
         with self._lock:
-            self._entries.append(_Entry(when, body))
+            self._entries.append(_Entry(when, self._clock(), body))
             if len(self._entries) > _MAX_ENTRIES:
                 del self._entries[: len(self._entries) - _MAX_ENTRIES]
         return copy.deepcopy(body)
@@ -165,7 +167,7 @@ class AuditLog:
         visible_until = self._clock() - self.lag
         with self._lock:
             entries = list(self._entries)
-        matching = [e for e in entries if e.at <= visible_until and _matches(e, query)]
+        matching = [e for e in entries if e.recorded <= visible_until and _matches(e, query)]
         matching.sort(key=lambda e: e.at, reverse=True)
         limit = max(1, min(query.limit, MAX_LIMIT))
         first = (max(query.page, 1) - 1) * limit

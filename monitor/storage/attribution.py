@@ -312,11 +312,17 @@ class Attributions:
                 for r in c.execute(query)
             ]
 
-    def count_pending(self) -> int:
+    def next_due(self) -> datetime | None:
+        """When the next attempt or release is due."""
         with connect(self.engine) as c:
-            return int(
-                c.execute(select(func.count()).select_from(attribution_lookups)).scalar_one()
-            )
+            attempt = c.execute(select(func.min(attribution_lookups.c.next_attempt_at))).scalar()
+            release = c.execute(
+                select(func.min(attribution_lookups.c.deadline)).where(
+                    attribution_lookups.c.hold_outbox
+                )
+            ).scalar()
+        due = [moment for moment in (attempt, release) if moment is not None]
+        return min(due, default=None)
 
     def _write(self, work: Callable[[Connection], T]) -> T:
         try:
