@@ -17,7 +17,7 @@ from alembic import command
 from prometheus_client import generate_latest
 from sqlalchemy import inspect, text
 
-from monitor.app import build_runtime
+from monitor.app import Daemon, build_runtime
 from monitor.audit_log import AuditLogError, AuditLogReader
 from monitor.config import load_settings
 from monitor.core.attribution import (
@@ -36,7 +36,14 @@ from monitor.simulator.audit import vendor_time
 from monitor.storage import create_store_engine, upgrade
 from monitor.storage.engine import alembic_config
 from monitor.timeutil import utc_now
-from tests.helpers import metric_value, run_main, runtime_settings, serve_app, write_config
+from tests.helpers import (
+    metric_value,
+    run_main,
+    runtime_settings,
+    serve_app,
+    wait_for,
+    write_config,
+)
 from tests.receiver import Receiver
 
 SECRET = "Attribution-Pool-Secret-314"
@@ -567,3 +574,79 @@ def test_migration_0007_up_and_down(db_url: str) -> None:
     with engine.connect() as c:
         assert c.execute(text("SELECT count(*) FROM outbox")).scalar() == 1, "rows kept"
     engine.dispose()
+
+
+# -- the daemon ----------------------------------------------------------------------------------
+
+
+def _bodies_of(receiver: Receiver, kind: str) -> list[dict[str, Any]]:
+    return [b for b in receiver.bodies() if isinstance(b, dict) and b.get("kind") == kind]
+
+
+def _alertmanager_actors(receiver: Receiver) -> list[str]:
+    return [
+        alert["annotations"].get("actors", "")
+        for body in receiver.bodies()
+        if isinstance(body, list)
+        for alert in body
+    ]
+
+
+def test_the_daemon_alerts_critical_at_once_then_follows_up(
+    tmp_path: Path, sink_receiver: Receiver
+) -> None:
+    hook, slack, alertmanager = sink_receiver, Receiver(), Receiver()
+    sinks = "".join(
+        f'[[sinks]]\ntype = "{kind}"\nurl = "{receiver.url}"\n'
+        for kind, receiver in (("webhook", hook), ("slack", slack), ("alertmanager", alertmanager))
+    )
+    try:
+        with SimulatedGenAuth(access_key_secret=SECRET) as sim:
+            config = write_config(
+                tmp_path,
+                sim,
+                # A 1 s margin: Alice's earlier entry is outside the later change's window.
+                monitor='attribution_wait = "5s"\nattribution_margin = "1s"',
+                extra=sinks,
+            )
+            daemon = Daemon(load_settings(config, environ=ENV))
+            daemon.start()
+            try:
+                wait_for(lambda: _bodies_of(hook, "first_seen"), what="first_seen delivered")
+                sim.audit.lag = 2.0  # the entry shows only after the critical alert went out
+                _disable(sim, ALICE)
+                wait_for(lambda: len(_bodies_of(hook, "provider_disabled")) == 2, what="follow-up")
+                first, again = _bodies_of(hook, "provider_disabled")
+                assert first["attribution"] == "pending" and "follow_up" not in first
+                assert again["id"] == first["id"] and again["follow_up"] is True
+                assert again["attribution"] == "single"
+                assert again["actors"][0]["client_ip"] == "203.0.113.7"
+                texts = [b["text"] for b in slack.bodies() if "text" in b]
+                who = "disabled by Alice (alice@corp) from 203.0.113.7"
+                assert who in texts[-1] and "follow-up" in texts[-1]
+                daemon.runtime.delivery.sync_now()  # Alertmanager: the next re-post
+                wait_for(lambda: who in _alertmanager_actors(alertmanager), what="annotations")
+
+                # A warning waits for its actors (here: none, known at the end of the wait).
+                sim.audit.lag = 0
+                data = sim.data
+                data["smtpConfig"]["smtp_host"] = "smtp.moved.example"
+                changed = time.time()
+                sim.set_data(data, by=None)
+                wait_for(lambda: _bodies_of(hook, "delivery_changed"), timeout=30, what="held")
+                [held] = _bodies_of(hook, "delivery_changed")
+                at = datetime.fromisoformat(held["at"].replace("Z", "+00:00")).timestamp()
+                assert held["attribution"] == "none" and "follow_up" not in held
+                assert hook.received_at[-1] - at >= 4.5, "held for attribution_wait"
+                assert hook.received_at[-1] - changed < 15
+                text = generate_latest(daemon.runtime.registry).decode()
+                for result, count in (("single", 1), ("none", 1)):
+                    value = metric_value(
+                        text, "genauth_monitor_attributions_total", target="prod", result=result
+                    )
+                    assert value == count, result
+            finally:
+                daemon.stop()
+    finally:
+        slack.stop()
+        alertmanager.stop()
