@@ -32,6 +32,18 @@ def _monitor(settings: Settings) -> str:
         f"timeout {format_duration(monitor.timeout)}, failure threshold "
         f"{monitor.failure_threshold}, backoff max {format_duration(monitor.backoff_max)}, "
         f"max response {format_size(monitor.max_response_bytes)}, log level {monitor.log_level}"
+        f"{_attribution_timing(settings)}"
+    )
+
+
+def _attribution_timing(settings: Settings) -> str:
+    """Change attribution's wait and margin (SPEC §11), said when not the defaults."""
+    monitor = settings.monitor
+    if (monitor.attribution_wait, monitor.attribution_margin) == (60.0, 120.0):
+        return ""
+    return (
+        f", attribution wait {format_duration(monitor.attribution_wait)}, margin "
+        f"{format_duration(monitor.attribution_margin)}"
     )
 
 
@@ -64,6 +76,10 @@ def _targets(settings: Settings) -> list[str]:
     for target in settings.targets:
         expect = f", {len(target.expect)} expected value(s)" if target.expect else ""
         ignore = f", {len(target.ignore)} ignored path(s)" if target.ignore else ""
+        if not target.attribution:
+            ignore += ", attribution off"
+        elif target.attribution_resource_types:
+            ignore += ", attribution of " + ", ".join(target.attribution_resource_types)
         lines.append(
             f"target {target.name}: {_without_userinfo(target.base_url)}, every "
             f"{format_duration(target.effective_interval(monitor))}, timeout "
