@@ -650,3 +650,34 @@ def test_the_daemon_alerts_critical_at_once_then_follows_up(
     finally:
         slack.stop()
         alertmanager.stop()
+
+
+def test_hostile_admin_names_are_escaped_in_every_sink_and_the_table(
+    tmp_path: Path, sink_receiver: Receiver
+) -> None:
+    eve = Admin("eve\x1b[2J", "<!channel> Eve\u202e `x`", "198.51.100.9\n[forged] line")
+    slack, alertmanager = sink_receiver, Receiver()
+    try:
+        with SimulatedGenAuth(access_key_secret=SECRET) as sim:
+            sinks = "".join(
+                f'[[sinks]]\ntype = "{kind}"\nurl = "{receiver.url}"\n'
+                for kind, receiver in (("slack", slack), ("alertmanager", alertmanager))
+            )
+            config = write_config(tmp_path, sim, monitor='attribution_wait = "4s"', extra=sinks)
+            _check(config)
+            _disable(sim, eve)
+            [event] = _events(_check(config))
+            assert event["attribution"] == "single"
+            assert event["actors"][0]["display_name"] == "<!channel> Eve\u202e `x`", "kept exact"
+            decoded = json.dumps(slack.bodies() + alertmanager.bodies(), ensure_ascii=False)
+            assert "\x1b" not in decoded and "\u202e" not in decoded, "no raw ESC or bidi"
+            assert b"<!channel>" not in b"".join(r["body"] for r in slack.requests)
+            [text] = [b["text"] for b in slack.bodies() if "provider_disabled" in b["text"]]
+            assert "&lt;!channel&gt; Eve\\u202e \u02cbx\u02cb" in text and "\n[forged]" not in text
+            # The post, and maybe a re-post of the firing alert by the same drain.
+            [annotation] = {a for a in _alertmanager_actors(alertmanager) if a}
+            assert "\\x1b[2J" in annotation and "\\n[forged] line" in annotation
+            table = run_main("history", "-c", str(config), env=ENV).stdout
+            assert "\x1b" not in table and "\u202e" not in table and "\n[forged]" not in table
+    finally:
+        alertmanager.stop()
