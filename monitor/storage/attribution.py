@@ -58,6 +58,16 @@ def actors_json(verdict: Verdict) -> str:
     )
 
 
+@dataclass(slots=True)
+class _Tx:
+    """One write transaction and what its commit announces (as the store's): the chain head
+    it wrote and how many deliveries it queued."""
+
+    connection: Connection
+    chain_head: tuple[int, str] | None = None
+    queued: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class Lookup:
     """A pending lookup with what its attempts need of the event."""
@@ -169,12 +179,12 @@ class Attributions:
             )
             .values(next_attempt_at=now + timedelta(seconds=lease))
         )
-        return self._write(lambda c: int(c.execute(statement).rowcount)) == 1
+        return self._write(lambda tx: int(tx.connection.execute(statement).rowcount)) == 1
 
     def retry(self, lookup: Lookup, *, attempts: int, at: datetime, error: str | None) -> None:
         """Ask again at ``at`` (the log had nothing yet, or could not be read)."""
         self._write(
-            lambda c: c.execute(
+            lambda tx: tx.connection.execute(
                 update(attribution_lookups)
                 .where(attribution_lookups.c.id == lookup.id)
                 .values(
@@ -189,7 +199,8 @@ class Attributions:
         """Record the verdict (chained) and queue the event's deliveries; False when the
         lookup was settled already (by another replica)."""
 
-        def work(connection: Connection) -> bool:
+        def work(tx: _Tx) -> bool:
+            connection = tx.connection
             gone = connection.execute(
                 delete(attribution_lookups).where(attribution_lookups.c.id == lookup.id)
             )
@@ -204,10 +215,9 @@ class Attributions:
             row_id = connection.execute(
                 insert(attributions).values(values).returning(attributions.c.id)
             ).scalar_one()
-            seq, digest = chain.append(connection, "attributions", {**values, "id": row_id})
-            connection.info["chain_head"] = (seq, digest)
+            tx.chain_head = chain.append(connection, "attributions", {**values, "id": row_id})
             # Held deliveries go out now, with the actors; an event already sent is re-sent.
-            self._queue(connection, lookup, now, held=lookup.hold_outbox)
+            self._queue(tx, lookup, now, held=lookup.hold_outbox)
             return True
 
         return self._write(work)
@@ -220,16 +230,16 @@ class Attributions:
             limit=100,
         )
 
-        def work(connection: Connection) -> int:
+        def work(tx: _Tx) -> int:
             released = 0
             for lookup in late:
-                taken = connection.execute(
+                taken = tx.connection.execute(
                     update(attribution_lookups)
                     .where(attribution_lookups.c.id == lookup.id, attribution_lookups.c.hold_outbox)
                     .values(hold_outbox=False)
                 )
                 if taken.rowcount == 1:
-                    self._queue(connection, lookup, now, held=True)
+                    self._queue(tx, lookup, now, held=True)
                     released += 1
             return released
 
@@ -237,7 +247,8 @@ class Attributions:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _queue(self, connection: Connection, lookup: Lookup, now: datetime, *, held: bool) -> None:
+    def _queue(self, tx: _Tx, lookup: Lookup, now: datetime, *, held: bool) -> None:
+        connection = tx.connection
         if held:
             queued = outbox_rows.enqueue(
                 connection,
@@ -275,7 +286,7 @@ class Attributions:
             if rows:
                 connection.execute(insert(outbox), rows)
             queued = len(rows)
-        connection.info["outbox"] = connection.info.get("outbox", 0) + queued
+        tx.queued += queued
 
     def _lookups(self, condition: Any, *, limit: int) -> list[Lookup]:
         query = (
@@ -324,19 +335,16 @@ class Attributions:
         due = [moment for moment in (attempt, release) if moment is not None]
         return min(due, default=None)
 
-    def _write(self, work: Callable[[Connection], T]) -> T:
+    def _write(self, work: Callable[[_Tx], T]) -> T:
         try:
-            with self._writer.connect() as connection:
-                connection.info.pop("chain_head", None)
-                connection.info.pop("outbox", None)
-                with connection.begin():
-                    result = work(connection)
-                head = connection.info.pop("chain_head", None)
-                queued = connection.info.pop("outbox", 0)
+            with self._writer.connect() as connection, connection.begin():
+                tx = _Tx(connection)
+                result = work(tx)
         except SQLAlchemyError as exc:
             raise StorageError(describe_error(exc)) from None
-        if head is not None:
-            log.info("audit chain head", extra={"chain_seq": head[0], "chain_hash": head[1]})
-        if queued and self._on_outbox is not None:
+        if tx.chain_head is not None:
+            seq, digest = tx.chain_head
+            log.info("audit chain head", extra={"chain_seq": seq, "chain_hash": digest})
+        if tx.queued and self._on_outbox is not None:
             self._on_outbox()
         return result
