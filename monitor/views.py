@@ -209,6 +209,9 @@ class TargetOut(_Out):
     last_success_at: str | None
     last_change_at: str | None
     last_error: LastErrorOut | None
+    last_change_actors: list[ActorOut] = Field(
+        description="who made the most recent change the admin audit log attributed (SPEC §11)"
+    )
 
     @classmethod
     def of(cls, v: TargetView) -> Self:
@@ -224,6 +227,7 @@ class TargetOut(_Out):
             last_success_at=format_time(v.last_success_at),
             last_change_at=format_time(v.last_change_at),
             last_error=LastErrorOut(**v.last_error) if v.last_error is not None else None,
+            last_change_actors=[ActorOut(**actor) for actor in v.last_change_actors],
         )
 
 

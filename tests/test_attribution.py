@@ -354,6 +354,14 @@ def test_one_admin_is_named_everywhere_and_no_secret_leaks(
             assert {e["actors"][0]["admin_user_id"] for e in listed} == {"alice@corp"}
             none = requests.get(base, params={"actor": "mallory@corp"}, headers=auth, timeout=5)
             assert none.json()["events"] == []
+            root = f"http://127.0.0.1:{server.port}"
+            targets = requests.get(f"{root}/api/v1/targets", headers=auth, timeout=5).json()
+            [last] = targets["targets"][0]["last_change_actors"][:1]
+            assert last["admin_user_id"] == "alice@corp"
+            for page in ("/ui/", "/ui/targets/prod"):
+                html = requests.get(root + page, headers=auth, timeout=5).text
+                assert "Alice (alice@corp) from 203.0.113.7" in html, page
+                outputs.append(html)
             outputs += [api.text, requests.get(base, headers=auth, timeout=5).text]
         finally:
             server.stop()

@@ -95,6 +95,8 @@ class TargetView:
     last_success_at: datetime | None
     last_change_at: datetime | None
     last_error: dict[str, Any] | None
+    # The actors of the target's most recent attributed change (SPEC §11), [] when none.
+    last_change_actors: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +144,25 @@ class Queries:
         if name is not None:
             query = query.where(targets.c.name == name)
         with self._connect() as connection:
-            return [_target_view(row._mapping) for row in connection.execute(query)]
+            rows = [row._mapping for row in connection.execute(query)]
+            actors = self._last_actors(connection) if rows else {}
+        return [_target_view(m, actors.get(m[poll_state.c.target_id], [])) for m in rows]
+
+    @staticmethod
+    def _last_actors(connection: Connection) -> dict[int, list[dict[str, Any]]]:
+        """Per target id, the actors of its newest event whose attribution named any."""
+        latest = (
+            select(func.max(events.c.id))
+            .join(attributions, attributions.c.event_id == events.c.id)
+            .where(attributions.c.result.in_(("single", "ambiguous")))
+            .group_by(events.c.target_id)
+        )
+        found = connection.execute(
+            select(events.c.target_id, attributions.c.actors)
+            .join(attributions, attributions.c.event_id == events.c.id)
+            .where(events.c.id.in_(latest.scalar_subquery()))
+        )
+        return {row.target_id: json.loads(row.actors) for row in found}
 
     def target_exists(self, name: str) -> bool:
         with self._connect() as connection:
@@ -372,7 +392,7 @@ def _attribution_of(m: RowMapping) -> dict[str, Any]:
     return fields
 
 
-def _target_view(m: RowMapping) -> TargetView:
+def _target_view(m: RowMapping, last_change_actors: list[dict[str, Any]]) -> TargetView:
     error = None
     if m[poll_state.c.last_error_reason] is not None:
         error = {
@@ -395,4 +415,5 @@ def _target_view(m: RowMapping) -> TargetView:
         last_success_at=m[poll_state.c.last_success_at],
         last_change_at=m[poll_state.c.last_change_at],
         last_error=error,
+        last_change_actors=last_change_actors,
     )
