@@ -414,7 +414,7 @@ def test_a_change_the_log_does_not_show_is_none_after_the_wait(
         [event] = _events(_check(config))
         took = time.monotonic() - started
         assert event["attribution"] == "none" and event["actors"] == []
-        assert 1.8 <= took < 8, took
+        assert 1.8 <= took < 15, took
         assert sim.audit_log_requests - asked >= 3, "asked again while the log may lag"
         [sent] = [b for b in sink_receiver.bodies() if b["kind"] == "provider_disabled"]
         assert sent["attribution"] == "none"
@@ -436,14 +436,14 @@ def test_a_lagging_entry_is_still_found_within_the_wait(
 
 def test_no_permission_is_unavailable_at_once(tmp_path: Path, sink_receiver: Receiver) -> None:
     with SimulatedGenAuth(access_key_secret=SECRET) as sim:
-        config = _config(tmp_path, sim, sink_receiver, wait="30s")
+        config = _config(tmp_path, sim, sink_receiver, wait="60s")
         _check(config)
         sim.inject_fault(Endpoint.AUDIT_LOG, "forbidden")
         _disable(sim, ALICE)
         started = time.monotonic()
         [event] = _events(_check(config))
         assert event["attribution"] == "unavailable" and event["actors"] == []
-        assert time.monotonic() - started < 10, "a 403 is not asked again for the whole wait"
+        assert time.monotonic() - started < 20, "a 403 is not asked again for the whole wait"
 
 
 def test_a_failing_log_is_unavailable_after_the_wait(
@@ -614,14 +614,16 @@ def test_the_daemon_alerts_critical_at_once_then_follows_up(
                 tmp_path,
                 sim,
                 # A 1 s margin: Alice's earlier entry is outside the later change's window.
-                monitor='attribution_wait = "5s"\nattribution_margin = "1s"',
+                monitor='attribution_wait = "8s"\nattribution_margin = "1s"',
                 extra=sinks,
             )
             daemon = Daemon(load_settings(config, environ=ENV))
             daemon.start()
             try:
                 wait_for(lambda: _bodies_of(hook, "first_seen"), what="first_seen delivered")
-                sim.audit.lag = 2.0  # the entry shows only after the critical alert went out
+                # The entry shows 3 s late (found at 50 % of the wait): the critical alert has
+                # gone out by then.
+                sim.audit.lag = 3.0
                 _disable(sim, ALICE)
                 wait_for(lambda: len(_bodies_of(hook, "provider_disabled")) == 2, what="follow-up")
                 first, again = _bodies_of(hook, "provider_disabled")
@@ -645,8 +647,8 @@ def test_the_daemon_alerts_critical_at_once_then_follows_up(
                 [held] = _bodies_of(hook, "delivery_changed")
                 at = datetime.fromisoformat(held["at"].replace("Z", "+00:00")).timestamp()
                 assert held["attribution"] == "none" and "follow_up" not in held
-                assert hook.received_at[-1] - at >= 4.5, "held for attribution_wait"
-                assert hook.received_at[-1] - changed < 15
+                assert hook.received_at[-1] - at >= 7.5, "held for attribution_wait"
+                assert hook.received_at[-1] - changed < 20
                 text = generate_latest(daemon.runtime.registry).decode()
                 for result, count in (("single", 1), ("none", 1)):
                     value = metric_value(
