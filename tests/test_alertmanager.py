@@ -86,6 +86,7 @@ def test_disabled_provider_fires_and_resolves(
             sim,
             tmp_path,
             sinks=[{"type": "alertmanager", "url": url, "min_severity": "warning"}],
+            attribution=False,  # no worker runs here to release the held provider_enabled
         )
         runtime = build_runtime(settings)
         poller = runtime.pollers["prod"]
