@@ -131,7 +131,7 @@ class AttributionWorker:
             self._stop.wait(min(0.2, max(0.0, give_up - time.monotonic())))
         if left:
             # check is about to deliver: what is held goes out with what is known.
-            self._attributions.release(max(lookup.deadline for lookup in left))
+            self._attributions.release(self._clock(), event_ids)
         return len(left)
 
     def _attempt(self, lookup: Lookup) -> int:

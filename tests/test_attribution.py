@@ -458,6 +458,24 @@ def test_a_failing_log_is_unavailable_after_the_wait(
         assert event["attribution"] == "unavailable"
 
 
+def test_a_warning_is_not_held_longer_than_the_wait(
+    tmp_path: Path, sink_receiver: Receiver
+) -> None:
+    with SimulatedGenAuth(access_key_secret=SECRET) as sim:
+        config = _config(tmp_path, sim, sink_receiver, wait="2s")
+        _check(config)
+        sim.inject_fault(Endpoint.AUDIT_LOG, "slow", delay=5)  # each read times out (2 s)
+        data = sim.data
+        data["smtpConfig"]["smtp_host"] = "smtp.moved.example"
+        sim.set_data(data, by=ALICE)
+        started = time.monotonic()
+        [event] = _events(_check(config))
+        assert time.monotonic() - started < 15
+        assert event["kind"] == "delivery_changed" and event["attribution"] == "pending"
+        [sent] = _bodies_of(sink_receiver, "delivery_changed")
+        assert sent["attribution"] == "pending", "released with what is known"
+
+
 def test_resource_types_narrow_and_attribution_false_turns_it_off(
     tmp_path: Path, sink_receiver: Receiver
 ) -> None:

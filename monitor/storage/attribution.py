@@ -222,13 +222,15 @@ class Attributions:
 
         return self._write(work)
 
-    def release(self, now: datetime) -> int:
+    def release(self, now: datetime, event_ids: Collection[int] | None = None) -> int:
         """Queue the held deliveries of lookups past their deadline (they go out with
-        attribution ``pending``; the settle that follows sends the follow-ups)."""
-        late = self._lookups(
-            (attribution_lookups.c.deadline <= now) & attribution_lookups.c.hold_outbox,
-            limit=100,
-        )
+        attribution ``pending``; the settle that follows sends the follow-ups); with
+        ``event_ids``, of these events' lookups whatever their deadline."""
+        if event_ids is None:
+            condition = attribution_lookups.c.deadline <= now
+        else:
+            condition = attribution_lookups.c.event_id.in_(list(event_ids))
+        late = self._lookups(condition & attribution_lookups.c.hold_outbox, limit=100)
 
         def work(tx: _Tx) -> int:
             released = 0
