@@ -14,6 +14,7 @@ from typing import Annotated, Any, Final, Self
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from monitor.core import Change
+from monitor.core.attribution import RESULTS
 from monitor.core.kinds import EVENT_KINDS, SEVERITIES
 from monitor.storage.claims import Member
 from monitor.storage.queries import EventView, SnapshotView, TargetView
@@ -41,7 +42,6 @@ __all__ = [
 
 
 STATUSES: Final = ("firing", "resolved")
-ATTRIBUTIONS: Final = ("single", "ambiguous", "none", "unavailable", "pending")
 
 
 def _one_of(values: tuple[str, ...], description: str) -> WithJsonSchema:
@@ -59,7 +59,7 @@ AttributionName = Annotated[
     str,
     WithJsonSchema(
         {
-            "anyOf": [{"type": "string", "enum": list(ATTRIBUTIONS)}, {"type": "null"}],
+            "anyOf": [{"type": "string", "enum": list(RESULTS)}, {"type": "null"}],
             "description": "who made the change (SPEC §11); null: not caused by an upstream "
             "change, or attribution off for the target",
         }

@@ -173,11 +173,6 @@ class AuditLog:
         first = (max(query.page, 1) - 1) * limit
         return len(matching), [copy.deepcopy(e.body) for e in matching[first : first + limit]]
 
-    def entries(self) -> list[dict[str, Any]]:
-        """Every entry recorded, visible or not, oldest first."""
-        with self._lock:
-            return [copy.deepcopy(e.body) for e in self._entries]
-
 
 def _matches(entry: _Entry, query: AuditQuery) -> bool:
     millis = int(entry.at * 1000)
