@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,6 +35,7 @@ from monitor.genauth import GenAuthClient
 from monitor.simulator import Admin, Endpoint, SimulatedGenAuth
 from monitor.simulator.audit import vendor_time
 from monitor.storage import create_store_engine, upgrade
+from monitor.storage.chain import verify_chain
 from monitor.storage.engine import alembic_config
 from monitor.timeutil import utc_now
 from tests.helpers import (
@@ -566,6 +568,38 @@ def test_a_pending_lookup_is_finished_by_the_next_process(
             == 2
         )
         second.store.engine.dispose()
+
+
+def test_two_processes_settle_a_lookup_once(db_url: str, tmp_path: Path) -> None:
+    with SimulatedGenAuth(access_key_secret=SECRET) as sim:
+        settings = runtime_settings(db_url, sim, tmp_path)
+        one, two = build_runtime(settings), build_runtime(settings)
+        one.pollers["prod"].poll()
+        _disable(sim, ALICE)
+        one.pollers["prod"].poll()
+        workers = [runtime.attribution for runtime in (one, two)]
+        threads = [threading.Thread(target=w.run_once) for w in workers if w is not None]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        with one.store.engine.connect() as c:
+            assert c.execute(text("SELECT count(*) FROM attributions")).scalar() == 1
+            assert c.execute(text("SELECT count(*) FROM attribution_lookups")).scalar() == 0
+        assert verify_chain(one.store.engine).intact
+        settled = sum(
+            metric_value(
+                generate_latest(runtime.registry).decode(),
+                "genauth_monitor_attributions_total",
+                target="prod",
+                result="single",
+            )
+            or 0
+            for runtime in (one, two)
+        )
+        assert settled == 1, "counted by the process that settled it"
+        for runtime in (one, two):
+            runtime.store.engine.dispose()
 
 
 def test_migration_0007_up_and_down(db_url: str) -> None:
