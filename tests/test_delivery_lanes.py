@@ -139,6 +139,7 @@ def test_two_workers_deliver_every_alert_once_and_in_order_after_an_outage(
             sim,
             tmp_path,
             sinks=[{"type": "webhook", "url": receiver.url, "max_backoff": "0.2s"}],
+            attribution=False,  # delivery alone: no worker runs here to release held alerts
         )
         # Two runtimes: two engines, two workers with their own lease holders (two replicas).
         first, second = build_runtime(settings), build_runtime(settings)
@@ -209,6 +210,7 @@ def test_each_url_of_an_alertmanager_sink_is_a_lane_of_its_own(
                     "max_backoff": "0.2s",
                 }
             ],
+            attribution=False,  # delivery alone: no worker runs here to release held alerts
         )
         runtime = build_runtime(settings)
         runtime.pollers["prod"].poll()
