@@ -265,12 +265,13 @@ class Attributions:
             # goes out with the settled attribution anyway, so it needs no re-send.
             tried = (outbox.c.status != "pending") | (outbox.c.attempts > 0)
             sent_to = sorted(
-                connection.execute(
+                (row.sink, row.lane)
+                for row in connection.execute(
                     select(outbox.c.sink, outbox.c.lane)
                     .where(outbox.c.event_id == lookup.event_id, tried)
                     .where(outbox.c.sink.in_(sorted(self._follow_up)))
                     .distinct()
-                ).tuples()
+                )
             )
             rows = [
                 {
