@@ -178,6 +178,7 @@ def test_each_member_of_an_alertmanager_cluster_gets_every_alert_one_down_or_not
                         "max_backoff": "0.5s",
                     }
                 ],
+                attribution=False,  # no worker runs here to release the held provider_enabled
             )
             runtime = build_runtime(settings)
             poller = runtime.pollers["prod"]
