@@ -602,9 +602,9 @@ def test_two_processes_settle_a_lookup_once(db_url: str, tmp_path: Path) -> None
             runtime.store.engine.dispose()
 
 
-def test_migration_0007_up_and_down(db_url: str) -> None:
+def test_migration_0008_up_and_down(db_url: str) -> None:
     engine = create_store_engine(db_url)
-    upgrade(engine, "0006")
+    upgrade(engine, "0007")
     with engine.begin() as c:
         c.execute(text("INSERT INTO targets (id, name, created_at) VALUES (1, 'p', :t)"), {"t": T0})
         c.execute(
@@ -628,7 +628,7 @@ def test_migration_0007_up_and_down(db_url: str) -> None:
     with engine.connect() as c:
         assert c.execute(text("SELECT follow_up FROM outbox")).scalar() in (False, 0)
     with engine.begin() as connection:
-        command.downgrade(alembic_config(connection), "0006")
+        command.downgrade(alembic_config(connection), "0007")
     assert not {"attributions", "attribution_lookups"} & set(inspect(engine).get_table_names())
     assert "follow_up" not in {col["name"] for col in inspect(engine).get_columns("outbox")}
     with engine.connect() as c:
