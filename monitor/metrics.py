@@ -12,7 +12,7 @@ targets, beside a per-target gauge of the last duration.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -95,6 +95,7 @@ class Metrics:
         self.registry = registry
         self._lock = threading.Lock()
         self._targets: dict[str, _Target] = {}
+        self._order: tuple[tuple[str, _Target], ...] | None = None  # sorted; None: to redo
         self._text = _TargetText()
         # Everything but the per-target families; `registry` shows both.
         self._rest = CollectorRegistry(auto_describe=True)
@@ -150,7 +151,10 @@ class Metrics:
         state = self._targets.get(name)
         if state is None:
             with self._lock:
-                state = self._targets.setdefault(name, _Target())
+                state = self._targets.get(name)
+                if state is None:
+                    state = self._targets[name] = _Target()
+                    self._order = None
         return state
 
     def declare_target(self, target: str) -> None:
@@ -209,9 +213,12 @@ class Metrics:
             state.changes[kind] = state.changes.get(kind, 0) + 1
         state.version += 1
 
-    def snapshot(self) -> list[tuple[str, _Target]]:
+    def snapshot(self) -> Sequence[tuple[str, _Target]]:
+        """Every target and its record, by name: the same object until a target is added."""
         with self._lock:
-            return sorted(self._targets.items())
+            if self._order is None:
+                self._order = tuple(sorted(self._targets.items()))
+            return self._order
 
     def render(self) -> bytes:
         """The whole exposition (what ``generate_latest(registry)`` gives), fast: each target's
@@ -335,35 +342,51 @@ _FAMILIES: tuple[tuple[str, str, str], ...] = (
 )
 
 
+# "# HELP" and "# TYPE" of each family, as generate_latest writes them (a counter's with _total).
+_HEADERS: tuple[str, ...] = tuple(
+    f"# HELP {name}{suffix} {help_text}\n# TYPE {name}{suffix} {kind}\n"
+    for name, help_text, kind in _FAMILIES
+    for suffix in ("_total" if kind == "counter" else "",)
+)
+
+
 class _TargetText:
-    """The text of the per-target families, kept per target and redone when it changed."""
+    """The text of the per-target families: one string per target and family, kept in one
+    column per family in target order. A render redoes the strings of the targets whose
+    version changed since the previous one, then joins each column: with 10,000 targets a
+    render is a scan of the versions and nine joins, however many targets there are."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._cache: dict[str, tuple[int, list[str]]] = {}
+        self._targets: Sequence[tuple[str, _Target]] = ()
+        self._labels: list[str] = []
+        self._versions: list[int] = []
+        self._columns: list[list[str]] = [[] for _ in _FAMILIES]
 
-    def render(self, targets: list[tuple[str, _Target]]) -> bytes:
+    def render(self, targets: Sequence[tuple[str, _Target]]) -> bytes:
         with self._lock:
-            parts: list[list[str]] = [[] for _ in _FAMILIES]
-            for target, state in targets:
-                cached = self._cache.get(target)
-                if cached is None or cached[0] != state.version:
-                    cached = (state.version, _lines(target, state))
-                    self._cache[target] = cached
-                for index, text in enumerate(cached[1]):
-                    if text:
-                        parts[index].append(text)
+            if targets is not self._targets:  # a target was added: a new layout, all redone
+                self._targets = targets
+                self._labels = [f'target="{_label(name)}"' for name, _ in targets]
+                self._versions = [-1] * len(targets)
+                self._columns = [[""] * len(targets) for _ in _FAMILIES]
+            versions, columns, labels = self._versions, self._columns, self._labels
+            # The version is read before the state, so a change made meanwhile is redone next time.
+            for index, (_, state) in enumerate(targets):
+                version = state.version
+                if version != versions[index]:
+                    versions[index] = version
+                    for column, text in zip(columns, _lines(labels[index], state), strict=True):
+                        column[index] = text
             out = []
-            for (name, help_text, kind), lines in zip(_FAMILIES, parts, strict=True):
-                out.append(f"# HELP {name}{'_total' if kind == 'counter' else ''} {help_text}\n")
-                out.append(f"# TYPE {name}{'_total' if kind == 'counter' else ''} {kind}\n")
-                out.extend(lines)
+            for header, column in zip(_HEADERS, columns, strict=True):
+                out.append(header)
+                out.append("".join(column))
             return "".join(out).encode()
 
 
-def _lines(target: str, state: _Target) -> list[str]:
+def _lines(label: str, state: _Target) -> list[str]:
     """One text chunk per family of _FAMILIES for this target ("" where it has no series)."""
-    label = f'target="{_label(target)}"'
     chunks = []
     for name, _, attribute in _TARGET_GAUGES:
         value = getattr(state, attribute)

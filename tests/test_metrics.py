@@ -1,0 +1,90 @@
+"""``Metrics.render`` (what /metrics serves) against prometheus-client's own renderer."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from monitor.metrics import Metrics
+
+AT = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+
+def _metrics(*targets: str) -> Metrics:
+    metrics = Metrics(CollectorRegistry())
+    for target in targets:
+        metrics.declare_target(target)
+    metrics.declare_sink("ops")
+    return metrics
+
+
+def _parsed(text: str) -> list[Any]:
+    """Families in order with their samples in order; label order aside (prometheus-client
+    sorts label names, the render writes ``target`` first: the same to a scraper)."""
+    return [
+        (
+            f.name,
+            f.type,
+            f.documentation,
+            [(s.name, sorted(s.labels.items()), s.value) for s in f.samples],
+        )
+        for f in text_string_to_metric_families(text)
+    ]
+
+
+def _same(metrics: Metrics) -> str:
+    text = metrics.render().decode()
+    assert _parsed(text) == _parsed(generate_latest(metrics.registry).decode())
+    return text
+
+
+def test_render_is_generate_latest_as_targets_change_between_renders() -> None:
+    metrics = _metrics("b-pool", "d-pool")
+    _same(metrics)  # only polls_total{outcome="success"} 0 for each
+    metrics.set_config(
+        "b-pool", enabled=True, provider_type="custom", hash_="sha256:" + "ab" * 32, drift=False
+    )
+    metrics.observe_poll("b-pool", "success", 0.02)
+    metrics.set_up("b-pool", True, AT)
+    first = _same(metrics)
+    assert 'genauth_monitor_up{target="b-pool"} 1.0' in first
+    assert 'genauth_monitor_up{target="d-pool"}' not in first
+    # A change of one target after a render: that target is redone, the other kept.
+    metrics.observe_poll("d-pool", "timeout", 10.0)
+    metrics.set_up("d-pool", False, None)
+    metrics.count_event("b-pool", "config_changed")
+    metrics.set_last_change("b-pool", AT)
+    metrics.set_config(
+        "b-pool", enabled=False, provider_type="ali", hash_="sha256:" + "cd" * 32, drift=True
+    )
+    second = _same(metrics)
+    assert 'genauth_monitor_polls_total{target="d-pool",outcome="timeout"} 1.0' in second
+    assert (
+        'genauth_email_provider_changes_total{target="b-pool",kind="config_changed"} 1.0' in second
+    )
+    assert 'type="ali",hash="cdcdcdcdcdcd"' in second
+    # A target added after renders takes its place in name order.
+    metrics.observe_poll("a-pool", "success", 0.5)
+    metrics.observe_poll("c-pool", "success", 0.5)
+    third = _same(metrics)
+    polls = [
+        line.split("{")[1]
+        for line in third.splitlines()
+        if line.startswith("genauth_monitor_polls_total{")
+    ]
+    assert list(dict.fromkeys(p.split(",")[0] for p in polls)) == [
+        f'target="{t}-pool"' for t in "abcd"
+    ]
+    assert _same(metrics) == third  # nothing changed: the same text
+
+
+def test_render_escapes_upstream_text_in_labels() -> None:
+    metrics = _metrics("pool")
+    metrics.set_config(
+        "pool", enabled=True, provider_type='we"ird\\type\nx', hash_="sha256:00", drift=False
+    )
+    text = _same(metrics)
+    assert 'type="we\\"ird\\\\type\\nx"' in text
