@@ -20,6 +20,8 @@ import argparse
 import json
 import random
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -175,6 +177,28 @@ def measure(engine: Engine, n_targets: int, runs: int) -> None:
     print(f"verify: {report.rows:,} rows in {elapsed:.1f} s = {report.rows / elapsed:,.0f} rows/s")
 
 
+def time_cli(url: str, directory: Path, runs: int = 5) -> None:
+    """Wall time of the ``history`` command as a user runs it: a new process that imports
+    what the command needs, opens the database read-only and prints a page (median of runs)."""
+    config = directory / "audit.toml"
+    config.write_text(
+        f"[storage]\nurl = {json.dumps(url)}\n"
+        '[[targets]]\nname = "pool-000"\naccess_key_id = "x"\naccess_key_secret = "unused"\n'
+    )
+    for label, extra in (("history", []), ("history --target pool-000", ["--target", "pool-000"])):
+        command = [sys.executable, "-m", "monitor", "history", "-c", str(config), *extra]
+        samples = []
+        for _ in range(runs + 1):  # the first one warms the page cache
+            started = time.perf_counter()
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            samples.append(time.perf_counter() - started)
+        samples = samples[1:]
+        print(
+            f"`genauth-monitor {label}` (a new process, 50 rows): median "
+            f"{statistics.median(samples):.2f} s, max {max(samples):.2f} s over {runs} runs"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=1_000_000)
@@ -198,6 +222,7 @@ def main() -> None:
         generate(engine, **sizes)
         measure(engine, args.targets, args.runs)
         engine.dispose()
+        time_cli(url, Path(tmp))
     if args.postgres_url:
         admin_url = make_url(args.postgres_url)
         name = f"gm_bench_{uuid.uuid4().hex[:8]}"

@@ -11,6 +11,7 @@ targets, beside a per-target gauge of the last duration.
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
@@ -313,7 +314,15 @@ class _Forward:
         yield from self._registry.collect()
 
 
+_INF = float("inf")
+
+
 def _number(value: float) -> str:
+    """A sample value as Prometheus reads it: Python's shortest repr for a finite number (a
+    fifth of prometheus-client's ``floatToGoString``, which spells large ones as 1.7e+09);
+    the library's spelling (+Inf, -Inf, NaN) for the others."""
+    if -_INF < value < _INF:
+        return repr(float(value))
     text: str = _go_float(value)  # type: ignore[no-untyped-call]  # the library spelling
     return text
 
@@ -350,16 +359,32 @@ _HEADERS: tuple[str, ...] = tuple(
 )
 
 
+_gauge_values = operator.attrgetter(*(attribute for _, _, attribute in _TARGET_GAUGES))
+
+
+class _Layout:
+    """What never changes in one target's lines: each line up to its value or label value."""
+
+    __slots__ = ("changes", "gauges", "info", "polls")
+
+    def __init__(self, target: str) -> None:
+        label = f'target="{_label(target)}"'
+        self.gauges = tuple(f"{name}{{{label}}} " for name, _, _ in _TARGET_GAUGES)
+        self.info = f'genauth_email_provider_info{{{label},type="'
+        self.polls = f'genauth_monitor_polls_total{{{label},outcome="'
+        self.changes = f'genauth_email_provider_changes_total{{{label},kind="'
+
+
 class _TargetText:
     """The text of the per-target families: one string per target and family, kept in one
     column per family in target order. A render redoes the strings of the targets whose
-    version changed since the previous one, then joins each column: with 10,000 targets a
-    render is a scan of the versions and nine joins, however many targets there are."""
+    version changed since the previous one, then joins the columns: with 10,000 targets a
+    render is a scan of the versions, the changed targets' lines and one join."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._targets: Sequence[tuple[str, _Target]] = ()
-        self._labels: list[str] = []
+        self._layouts: list[_Layout] = []
         self._versions: list[int] = []
         self._columns: list[list[str]] = [[] for _ in _FAMILIES]
 
@@ -367,45 +392,38 @@ class _TargetText:
         with self._lock:
             if targets is not self._targets:  # a target was added: a new layout, all redone
                 self._targets = targets
-                self._labels = [f'target="{_label(name)}"' for name, _ in targets]
+                self._layouts = [_Layout(name) for name, _ in targets]
                 self._versions = [-1] * len(targets)
                 self._columns = [[""] * len(targets) for _ in _FAMILIES]
-            versions, columns, labels = self._versions, self._columns, self._labels
+            versions, columns, layouts = self._versions, self._columns, self._layouts
             # The version is read before the state, so a change made meanwhile is redone next time.
             for index, (_, state) in enumerate(targets):
                 version = state.version
                 if version != versions[index]:
                     versions[index] = version
-                    for column, text in zip(columns, _lines(labels[index], state), strict=True):
+                    for column, text in zip(columns, _lines(layouts[index], state), strict=True):
                         column[index] = text
-            out = []
+            out: list[str] = []
             for header, column in zip(_HEADERS, columns, strict=True):
                 out.append(header)
-                out.append("".join(column))
+                out += column
             return "".join(out).encode()
 
 
-def _lines(label: str, state: _Target) -> list[str]:
+def _lines(layout: _Layout, state: _Target) -> list[str]:
     """One text chunk per family of _FAMILIES for this target ("" where it has no series)."""
-    chunks = []
-    for name, _, attribute in _TARGET_GAUGES:
-        value = getattr(state, attribute)
-        chunks.append("" if value is None else f"{name}{{{label}}} {_number(value)}\n")
-    if state.hash12 is None:
-        chunks.append("")
-    else:
+    chunks = [
+        "" if value is None else f"{start}{_number(value)}\n"
+        for start, value in zip(layout.gauges, _gauge_values(state), strict=True)
+    ]
+    hash12 = state.hash12
+    chunks.append(
+        ""
+        if hash12 is None
+        else f'{layout.info}{_label(state.provider_type or "")}",hash="{_label(hash12)}"}} 1.0\n'
+    )
+    for start, counts in ((layout.polls, state.polls), (layout.changes, state.changes)):
         chunks.append(
-            f'genauth_email_provider_info{{{label},type="{_label(state.provider_type or "")}",'
-            f'hash="{_label(state.hash12)}"}} 1.0\n'
-        )
-    for name, key, counts in (
-        ("genauth_monitor_polls_total", "outcome", state.polls),
-        ("genauth_email_provider_changes_total", "kind", state.changes),
-    ):
-        chunks.append(
-            "".join(
-                f'{name}{{{label},{key}="{_label(k)}"}} {_number(v)}\n'
-                for k, v in list(counts.items())
-            )
+            "".join(f'{start}{_label(k)}"}} {_number(v)}\n' for k, v in list(counts.items()))
         )
     return chunks
