@@ -311,6 +311,7 @@ class Result:
     rss_steady: list[float] = field(default_factory=list)
     rss_peak: float = math.nan
     scrapes_ms: list[float] = field(default_factory=list)
+    healthz_ms: list[float] = field(default_factory=list)  # the same server's floor, same run
     metrics_bytes: int = 0
     metrics_gzip_bytes: int = 0
     failed: str = ""
@@ -321,8 +322,9 @@ class Result:
             return math.nan
         return statistics.median(self.daemon_us) / statistics.median(self.floor_us)
 
-    def p(self, q: float) -> float:
-        return percentile(self.scrapes_ms, q) if self.scrapes_ms else math.nan
+    def p(self, q: float, of: str = "scrapes_ms") -> float:
+        values: list[float] = getattr(self, of)
+        return percentile(values, q) if values else math.nan
 
     def goals(self) -> list[tuple[str, bool, str]]:
         """(goal, met, figure) for each goal of issue 10 that applies to this configuration."""
@@ -424,7 +426,7 @@ class Floor:
 @dataclass
 class Plan:
     rounds: int
-    window: float  # seconds of a daemon round (at least one interval)
+    window: float  # seconds of a daemon round
     floor: float  # seconds of a floor round
     settle: float  # seconds after SIGCONT before the next daemon round
     scrapes: int
@@ -620,6 +622,9 @@ def measure_scrapes(result: Result, scrapes: int, daemons: list[Daemon]) -> None
         response.raise_for_status()
         result.metrics_bytes = len(response.content)
         result.metrics_gzip_bytes = int(response.headers.get("Content-Length", 0))
+        started = time.perf_counter()
+        session.get(daemon.url("/healthz"), timeout=30).raise_for_status()
+        result.healthz_ms.append((time.perf_counter() - started) * 1000)
     session.close()
 
 
@@ -636,7 +641,8 @@ def line(r: Result) -> str:
         f"{med(r.floor_us):4.0f} us  ratio {r.ratio:4.2f}x  done {med(r.done):7.2%}  "
         f"RSS {med(r.rss_steady):5.1f}/{r.rss_peak:5.1f} MiB  /metrics p50 {r.p(0.5):6.1f} "
         f"p99 {r.p(0.99):6.1f} ms ({r.metrics_bytes / 1e6:.2f} MB, "
-        f"gzip {r.metrics_gzip_bytes / 1e6:.2f})  "
+        f"gzip {r.metrics_gzip_bytes / 1e6:.2f}; GET /healthz p50 {r.p(0.5, 'healthz_ms'):.1f} "
+        f"p99 {r.p(0.99, 'healthz_ms'):.1f} ms)  "
         f"/healthz {r.healthz_s:5.2f} s  first polls {r.first_polls_s:5.2f} s "
         f"(spread {r.spread_s:.2f} s, peak {r.peak_rate:.0f}/s)"
     )
@@ -648,9 +654,11 @@ def main(argv: list[str] | None = None) -> int:
         "--configs", type=parse_configs, help=f"N@INTERVAL,... (default {DEFAULT_CONFIGS})"
     )
     parser.add_argument("--rounds", type=int, help="alternating rounds (default 5; quick 1)")
-    parser.add_argument("--window", type=float, help="seconds of a daemon round (default 10)")
+    parser.add_argument(
+        "--window", type=float, help="seconds of a daemon round (default 10, or min(I, 20 s))"
+    )
     parser.add_argument("--floor", type=float, default=3.0, help="seconds of a floor round")
-    parser.add_argument("--settle", type=float, default=3.0, help="seconds after SIGCONT")
+    parser.add_argument("--settle", type=float, default=5.0, help="seconds after SIGCONT")
     parser.add_argument("--scrapes", type=int, help="GET /metrics count (default 50; quick 10)")
     parser.add_argument("--storage-url", help="a PostgreSQL server (a scratch database on it)")
     parser.add_argument("--replicas", type=int, default=1, help="daemons on one database")
@@ -674,12 +682,13 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, requests {requests.__version__}, "
         f"{storage}, {args.replicas} replica(s); {rounds} rounds (median), daemon window "
-        f"max({window:g} s, interval), floor {floor:g} s, settle {settle:g} s, {scrapes} scrapes",
+        f"max({window:g} s, min(interval, 20 s)), floor {floor:g} s, settle {settle:g} s, "
+        f"{scrapes} scrapes",
         flush=True,
     )
     results = []
     for cfg in configs:
-        plan = Plan(rounds, max(window, cfg.interval), floor, settle, scrapes)
+        plan = Plan(rounds, max(window, min(cfg.interval, 20.0)), floor, settle, scrapes)
         results.append(
             run_config(
                 cfg,
