@@ -19,7 +19,9 @@ For each configuration ``N@I`` (N targets polled every I):
    (a temp SQLite file, or a scratch database of ``--storage-url`` created and dropped here),
    each with its own config file and port, all N targets in each config.
 3. **Start-up**: from ``Popen`` to ``/healthz`` 200 (every replica), and to the last target's
-   first poll; the spread of the first polls (first to last) and their peak rate in any 1 s.
+   first poll; the spread of the first polls (first to last) and their peak rate in any 1 s;
+   then to the daemons polling on schedule (two 2 s windows in a row at most 1.2x the planned
+   rate: the polls that fell behind in the first round have run), where the rounds begin.
 4. **Rounds**, ``--rounds`` times, alternating which goes first: the daemons run for a window
    (their CPU from ``/proc/PID/stat``, all threads, divided by the polls that arrived at the
    simulator meanwhile; the polls done against ``N * window / I``); then the daemons are
@@ -305,6 +307,7 @@ class Result:
     first_polls_s: float = math.nan  # process start to the last target's first poll
     spread_s: float = math.nan  # first to last first poll
     peak_rate: float = math.nan  # most first polls in any 1 s
+    steady_s: float = math.nan  # process start to polling at the planned rate (backlog gone)
     daemon_us: list[float] = field(default_factory=list)
     floor_us: list[float] = field(default_factory=list)
     done: list[float] = field(default_factory=list)
@@ -542,6 +545,24 @@ def measure_startup(result: Result, sim: Simulator, daemons: list[Daemon], start
     result.first_polls_s = last - started
     result.spread_s = last - first
     result.peak_rate = peak_per_second([(t, tokens) for t, tokens, _ in series])
+    result.steady_s = wait_until_steady(cfg, sim) - started
+
+
+def wait_until_steady(cfg: Config, sim: Simulator) -> float:
+    """When two 2 s windows in a row see at most 1.2x the planned rate: polls that fell
+    behind during the first round have run, so the rounds measure the daemon on schedule."""
+    planned = cfg.targets / cfg.interval
+    deadline = time.monotonic() + max(60.0, 3 * cfg.interval)
+    calm = 0
+    t0, _, polls0 = sim.counts()
+    while calm < 2:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the daemons never came down to the planned poll rate")
+        time.sleep(2.0)
+        t1, _, polls1 = sim.counts()
+        calm = calm + 1 if (polls1 - polls0) / (t1 - t0) <= 1.2 * planned else 0
+        t0, polls0 = t1, polls1
+    return t0
 
 
 def peak_per_second(series: list[tuple[float, int]]) -> float:
@@ -644,7 +665,7 @@ def line(r: Result) -> str:
         f"gzip {r.metrics_gzip_bytes / 1e6:.2f}; GET /healthz p50 {r.p(0.5, 'healthz_ms'):.1f} "
         f"p99 {r.p(0.99, 'healthz_ms'):.1f} ms)  "
         f"/healthz {r.healthz_s:5.2f} s  first polls {r.first_polls_s:5.2f} s "
-        f"(spread {r.spread_s:.2f} s, peak {r.peak_rate:.0f}/s)"
+        f"(spread {r.spread_s:.2f} s, peak {r.peak_rate:.0f}/s), on schedule {r.steady_s:.0f} s"
     )
 
 
