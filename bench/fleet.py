@@ -262,6 +262,7 @@ class Daemon:
     proc: subprocess.Popen[bytes]
     port: int
     log: Path
+    started: float  # time.time() just before Popen
 
     @property
     def pid(self) -> int:
@@ -440,62 +441,61 @@ def run_config(
 ) -> Result:
     result = Result(cfg, replicas)
     sim = Simulator()
-    daemons: list[Daemon] = []
     try:
         with (
             tempfile.TemporaryDirectory(prefix="genauth-fleet-") as tmp,
             scratch_database(storage_url, Path(tmp)) as url,
         ):
-            env = {
-                **os.environ,
-                "BENCH_SECRET": KEY_SECRET,
-                "BENCH_FINGERPRINT_KEY": secrets.token_hex(32),
-            }
-            configs = []
-            for index in range(replicas):
-                port = free_port()
-                configs.append((port, write_config(Path(tmp), index, cfg, url, port, sim.base_url)))
-            started = time.time()
-            for index, (port, path) in enumerate(configs):
-                log = Path(tmp) / f"replica-{index}.log"
-                with log.open("wb") as out:
-                    proc = subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "monitor",
-                            "--log-format",
-                            "json",
-                            "run",
-                            "-c",
-                            str(path),
-                        ],
-                        cwd=ROOT,
-                        env=env,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                    )
-                daemons.append(Daemon(proc, port, log))
-            measure_startup(result, sim, daemons, started)
-            if verbose:
-                print(
-                    f"  {cfg.label}: /healthz {result.healthz_s:.2f} s, last first poll "
-                    f"{result.first_polls_s:.2f} s after start (spread {result.spread_s:.2f} s)",
-                    flush=True,
-                )
-            measure_rounds(result, plan, sim, daemons, verbose)
-            measure_scrapes(result, plan.scrapes, daemons)
-            result.rss_peak = max(proc_status_mib(d.pid, "VmHWM") for d in daemons)
-            stop_daemons(daemons)
-    except Exception as exc:  # one line for this configuration, the reason beside it
-        result.failed = f"{type(exc).__name__}: {exc}"
-        for daemon in daemons:
-            with contextlib.suppress(Exception):
-                result.failed += f"\n--- replica log (pid {daemon.pid}):\n{daemon.tail()}"
-        stop_daemons(daemons)
+            daemons = start_daemons(cfg, replicas, url, sim.base_url, Path(tmp))
+            try:
+                measure(result, plan, sim, daemons, verbose)
+            except Exception as exc:  # one line for this configuration, the reason beside it
+                result.failed = f"{type(exc).__name__}: {exc}"
+                for daemon in daemons:
+                    result.failed += f"\n--- replica log (pid {daemon.pid}):\n{daemon.tail()}"
+            finally:
+                stop_daemons(daemons)
     finally:
         sim.close()
     return result
+
+
+def start_daemons(cfg: Config, replicas: int, url: str, base_url: str, tmp: Path) -> list[Daemon]:
+    env = {
+        **os.environ,
+        "BENCH_SECRET": KEY_SECRET,
+        "BENCH_FINGERPRINT_KEY": secrets.token_hex(32),  # one key for all replicas
+    }
+    configs = []
+    for index in range(replicas):
+        port = free_port()
+        configs.append((port, write_config(tmp, index, cfg, url, port, base_url)))
+    daemons = []
+    for index, (port, path) in enumerate(configs):
+        log = tmp / f"replica-{index}.log"
+        command = [sys.executable, "-m", "monitor", "--log-format", "json", "run", "-c", str(path)]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+        daemons.append(Daemon(proc, port, log, time.time()))
+    return daemons
+
+
+def measure(
+    result: Result, plan: Plan, sim: Simulator, daemons: list[Daemon], verbose: bool
+) -> None:
+    measure_startup(result, sim, daemons, daemons[0].started)
+    if verbose:
+        print(
+            f"  {result.cfg.label}: /healthz {result.healthz_s:.2f} s, last first poll "
+            f"{result.first_polls_s:.2f} s after start (spread {result.spread_s:.2f} s), "
+            f"on schedule {result.steady_s:.0f} s",
+            flush=True,
+        )
+    measure_rounds(result, plan, sim, daemons, verbose)
+    measure_scrapes(result, plan.scrapes, daemons)
+    result.rss_peak = max(proc_status_mib(d.pid, "VmHWM") for d in daemons)
 
 
 def stop_daemons(daemons: list[Daemon]) -> None:
