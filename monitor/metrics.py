@@ -11,7 +11,6 @@ targets, beside a per-target gauge of the last duration.
 
 from __future__ import annotations
 
-import operator
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
@@ -71,6 +70,7 @@ class _Target:
         "last_success",
         "polls",
         "provider_type",
+        "settings",
         "up",
         "version",
     )
@@ -86,7 +86,11 @@ class _Target:
         self.last_duration: float | None = None
         self.polls: dict[str, int] = {"success": 0}
         self.changes: dict[str, int] = {}
-        self.version = 0  # bumped by every change, so a render redoes only changed targets
+        # Bumped by every change, so a render redoes only what changed: ``version`` by a poll
+        # (up, last success, last duration, polls), ``settings`` by the configuration seen
+        # (enabled, drift, last change, info) and its events (changes).
+        self.version = 0
+        self.settings = 0
 
 
 class Metrics:
@@ -176,13 +180,13 @@ class Metrics:
         state.drift = 1.0 if drift else 0.0
         state.provider_type = provider_type or ""
         state.hash12 = hash_.removeprefix("sha256:")[:12]
-        state.version += 1
+        state.settings += 1
 
     def set_last_change(self, target: str, at: datetime | None) -> None:
         if at is not None:
             state = self._target(target)
             state.last_change = at.timestamp()
-            state.version += 1
+            state.settings += 1
 
     def set_cluster(self, *, replica: str, replicas: int, owned: int, skew: float) -> None:
         """The split as this replica sees it at a heartbeat."""
@@ -212,7 +216,7 @@ class Metrics:
         state = self._target(target)
         with self._lock:
             state.changes[kind] = state.changes.get(kind, 0) + 1
-        state.version += 1
+        state.settings += 1
 
     def snapshot(self) -> Sequence[tuple[str, _Target]]:
         """Every target and its record, by name: the same object until a target is added."""
@@ -359,9 +363,6 @@ _HEADERS: tuple[str, ...] = tuple(
 )
 
 
-_gauge_values = operator.attrgetter(*(attribute for _, _, attribute in _TARGET_GAUGES))
-
-
 class _Layout:
     """What never changes in one target's lines: each line up to its value or label value."""
 
@@ -389,6 +390,7 @@ class _TargetText:
         self._targets: Sequence[tuple[str, _Target]] = ()
         self._layouts: list[_Layout] = []
         self._versions: list[int] = []
+        self._settings: list[int] = []
         self._columns: list[list[str]] = [[] for _ in _FAMILIES]
         self._joined: list[bytes | None] = [None for _ in _FAMILIES]  # None: to join again
 
@@ -398,44 +400,74 @@ class _TargetText:
                 self._targets = targets
                 self._layouts = [_Layout(name) for name, _ in targets]
                 self._versions = [-1] * len(targets)
+                self._settings = [-1] * len(targets)
                 self._columns = [[""] * len(targets) for _ in _FAMILIES]
                 self._joined = [None for _ in _FAMILIES]
-            versions, columns, layouts, joined = (
+            versions, settings, columns, layouts, joined = (
                 self._versions,
+                self._settings,
                 self._columns,
                 self._layouts,
                 self._joined,
             )
-            # The version is read before the state, so a change made meanwhile is redone next time.
+            # A version is read before the state, so a change made meanwhile is redone next time.
             for index, (_, state) in enumerate(targets):
-                version = state.version
-                if version != versions[index]:
-                    versions[index] = version
-                    for family, text in enumerate(_lines(layouts[index], state)):
-                        column = columns[family]
-                        if column[index] != text:
-                            column[index] = text
-                            joined[family] = None
+                polled, seen = state.version, state.settings
+                if polled != versions[index]:
+                    versions[index] = polled
+                    lines = _poll_lines(layouts[index], state)
+                else:
+                    lines = []
+                if seen != settings[index]:
+                    settings[index] = seen
+                    lines += _settings_lines(layouts[index], state)
+                for family, text in lines:
+                    column = columns[family]
+                    if column[index] != text:
+                        column[index] = text
+                        joined[family] = None
             for family, done in enumerate(joined):
                 if done is None:
                     joined[family] = (_HEADERS[family] + "".join(columns[family])).encode()
             return b"".join(part or b"" for part in joined)
 
 
-def _lines(layout: _Layout, state: _Target) -> list[str]:
-    """One text chunk per family of _FAMILIES for this target ("" where it has no series)."""
-    chunks = [
-        "" if value is None else f"{start}{_number(value)}\n"
-        for start, value in zip(layout.gauges, _gauge_values(state), strict=True)
+# Where each family's text goes in _FAMILIES.
+_ENABLED, _DRIFT, _LAST_CHANGE, _UP, _LAST_SUCCESS, _LAST_DURATION, _INFO, _POLLS, _CHANGES = range(
+    len(_FAMILIES)
+)
+
+
+def _gauge(layout: _Layout, family: int, value: float | None) -> tuple[int, str]:
+    return family, "" if value is None else f"{layout.gauges[family]}{_number(value)}\n"
+
+
+def _counts(start: str, counts: dict[str, int]) -> str:
+    return "".join(f'{start}{_label(k)}"}} {_number(v)}\n' for k, v in list(counts.items()))
+
+
+def _poll_lines(layout: _Layout, state: _Target) -> list[tuple[int, str]]:
+    """(family, text) of what a poll changes ("" where the target has no series)."""
+    return [
+        _gauge(layout, _UP, state.up),
+        _gauge(layout, _LAST_SUCCESS, state.last_success),
+        _gauge(layout, _LAST_DURATION, state.last_duration),
+        (_POLLS, _counts(layout.polls, state.polls)),
     ]
+
+
+def _settings_lines(layout: _Layout, state: _Target) -> list[tuple[int, str]]:
+    """(family, text) of what the configuration seen and its events change."""
     hash12 = state.hash12
-    chunks.append(
+    info = (
         ""
         if hash12 is None
         else f'{layout.info}{_label(state.provider_type or "")}",hash="{_label(hash12)}"}} 1.0\n'
     )
-    for start, counts in ((layout.polls, state.polls), (layout.changes, state.changes)):
-        chunks.append(
-            "".join(f'{start}{_label(k)}"}} {_number(v)}\n' for k, v in list(counts.items()))
-        )
-    return chunks
+    return [
+        _gauge(layout, _ENABLED, state.enabled),
+        _gauge(layout, _DRIFT, state.drift),
+        _gauge(layout, _LAST_CHANGE, state.last_change),
+        (_INFO, info),
+        (_CHANGES, _counts(layout.changes, state.changes)),
+    ]

@@ -79,6 +79,15 @@ def test_render_is_generate_latest_as_targets_change_between_renders() -> None:
         f'target="{t}-pool"' for t in "abcd"
     ]
     assert _same(metrics) == third  # nothing changed: the same text
+    # Each kind of change alone after a render: what a poll sets, and what a snapshot sets.
+    metrics.set_config("a-pool", enabled=True, provider_type="qq", hash_="sha256:ef", drift=True)
+    assert 'type="qq"' in _same(metrics)
+    metrics.set_last_change("c-pool", AT)
+    assert 'genauth_email_provider_last_change_timestamp_seconds{target="c-pool"}' in _same(metrics)
+    metrics.count_event("c-pool", "secret_rotated")
+    assert 'target="c-pool",kind="secret_rotated"' in _same(metrics)
+    metrics.set_up("c-pool", False, None)
+    assert 'genauth_monitor_up{target="c-pool"} 0.0' in _same(metrics)
 
 
 def test_render_escapes_upstream_text_in_labels() -> None:
