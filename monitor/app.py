@@ -155,6 +155,7 @@ def build_runtime(
     limits: dict[str, RateLimit] = {}  # one per base_url: the cap is per host, not per target
     rate = settings.monitor.max_requests_per_second
     audit_logs: dict[str, TargetLog] = {}
+    states = runtime.store.ensure_targets([t.name for t in settings.targets], now=clock())
     for target in settings.targets:
         timeout = target.effective_timeout(settings.monitor)
         client = _client(
@@ -184,7 +185,7 @@ def build_runtime(
         )
         if recorder is not None:
             poller.on_pending = functools.partial(recorder.mark, poller)
-        poller.restore(runtime.store.ensure_target(target.name, now=clock()))
+        poller.restore(states[target.name])
         runtime.pollers[target.name] = poller
     runtime.attribution = AttributionWorker(
         attributions=attributions,

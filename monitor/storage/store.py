@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import uuid
@@ -11,7 +12,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, Integer, bindparam, insert, select, text, update
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from monitor.core import EventDraft
@@ -132,6 +133,15 @@ _SUCCEEDED = (
 )
 
 
+# A target's poll state with its current snapshot, as a poller resumes from it.
+_STATE = (
+    select(poll_state, snapshots)
+    .select_from(poll_state)
+    .outerjoin(snapshots, snapshots.c.id == poll_state.c.current_snapshot_id)
+)
+_CHUNK = 500  # targets per start-up transaction: bounded IN lists and statement sizes
+
+
 class Store:
     """Writes of the poll path. Every method is one transaction; errors become StorageError."""
 
@@ -167,6 +177,16 @@ class Store:
     def ensure_target(self, name: str, *, now: datetime) -> TargetState:
         """The stored state of target ``name``, creating the target on first use."""
         return self._write(lambda tx: self._ensure_target(tx.connection, name, now))
+
+    def ensure_targets(self, names: Sequence[str], *, now: datetime) -> dict[str, TargetState]:
+        """The stored states of many targets, creating the missing ones: one transaction per
+        _CHUNK targets instead of one per target, so a daemon with 10,000 targets starts in
+        seconds rather than half a minute."""
+        states: dict[str, TargetState] = {}
+        for start in range(0, len(names), _CHUNK):
+            chunk = list(names[start : start + _CHUNK])
+            states.update(self._write(functools.partial(self._ensure_many, names=chunk, now=now)))
+        return states
 
     def record_unchanged(
         self,
@@ -388,19 +408,56 @@ class Store:
                 ).scalar_one()
         return self._load_state(connection, target_id, name)
 
+    def _ensure_many(self, tx: _Tx, *, names: list[str], now: datetime) -> dict[str, TargetState]:
+        connection = tx.connection
+        ids = self._target_ids(connection, names)
+        missing = [name for name in names if name not in ids]
+        if missing:
+            try:
+                with connection.begin_nested():
+                    created = connection.execute(
+                        insert(targets).returning(targets.c.id, targets.c.name),
+                        [{"name": name, "created_at": now} for name in missing],
+                    ).all()
+                    connection.execute(
+                        insert(poll_state),
+                        [{"target_id": id_, "consecutive_failures": 0} for id_, _ in created],
+                    )
+                ids.update((name, id_) for id_, name in created)
+            except IntegrityError:
+                # Another process (a replica starting at the same moment) created some of
+                # them meanwhile: one by one, which copes with that.
+                for name in missing:
+                    ids[name] = self._ensure_target(connection, name, now).target_id
+        names_of = {id_: name for name, id_ in ids.items()}
+        rows = connection.execute(_STATE.where(poll_state.c.target_id.in_(list(names_of)))).all()
+        found = (
+            self._state_of(row, names_of[row._mapping[poll_state.c.target_id]]) for row in rows
+        )
+        states = {state.name: state for state in found}
+        return {
+            name: states.get(name) or TargetState(target_id=ids[name], name=name) for name in names
+        }
+
+    @staticmethod
+    def _target_ids(connection: Connection, names: list[str]) -> dict[str, int]:
+        rows = connection.execute(
+            select(targets.c.name, targets.c.id).where(targets.c.name.in_(names))
+        ).all()
+        return {name: id_ for name, id_ in rows}
+
     @staticmethod
     def _load_state(connection: Connection, target_id: int, name: str) -> TargetState:
-        row = connection.execute(
-            select(poll_state, snapshots)
-            .select_from(poll_state)
-            .outerjoin(snapshots, snapshots.c.id == poll_state.c.current_snapshot_id)
-            .where(poll_state.c.target_id == target_id)
-        ).first()
+        row = connection.execute(_STATE.where(poll_state.c.target_id == target_id)).first()
         if row is None:
             return TargetState(target_id=target_id, name=name)
+        return Store._state_of(row, name)
+
+    @staticmethod
+    def _state_of(row: Row[Any], name: str) -> TargetState:
         m = row._mapping
         return TargetState(
-            target_id=target_id,
+            target_id=m[poll_state.c.target_id],
             name=name,
             snapshot_id=m[poll_state.c.current_snapshot_id],
             hash=m[snapshots.c.hash],
