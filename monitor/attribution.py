@@ -65,9 +65,6 @@ class AttributionWorker:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        for target in self._logs:
-            for result in ("single", "ambiguous", "none", "unavailable"):
-                metrics.attributions.labels(target=target, result=result)
 
     # -- the daemon's thread -----------------------------------------------------------------
 
