@@ -27,14 +27,12 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import SQLAlchemyError
 
 from monitor.core.alerting import SinkRoute
 from monitor.core.attribution import Verdict, applies
-from monitor.errors import StorageError
-from monitor.storage import chain
+from monitor.storage import chain, transaction
 from monitor.storage import outbox as outbox_rows
-from monitor.storage.engine import WRITE, connect, describe_error
+from monitor.storage.engine import WRITE, connect
 from monitor.storage.schema import (
     attribution_lookups,
     attributions,
@@ -42,6 +40,7 @@ from monitor.storage.schema import (
     outbox,
     targets,
 )
+from monitor.storage.transaction import Tx as _Tx
 from monitor.timeutil import Clock
 
 __all__ = ["Attributions", "Lookup", "actors_json"]
@@ -56,16 +55,6 @@ def actors_json(verdict: Verdict) -> str:
     return json.dumps(
         [actor.as_dict() for actor in verdict.actors], ensure_ascii=False, sort_keys=True
     )
-
-
-@dataclass(slots=True)
-class _Tx:
-    """One write transaction and what its commit announces (as the store's): the chain head
-    it wrote and how many deliveries it queued."""
-
-    connection: Connection
-    chain_head: tuple[int, str] | None = None
-    queued: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,15 +328,4 @@ class Attributions:
         return min(due, default=None)
 
     def _write(self, work: Callable[[_Tx], T]) -> T:
-        try:
-            with self._writer.connect() as connection, connection.begin():
-                tx = _Tx(connection)
-                result = work(tx)
-        except SQLAlchemyError as exc:
-            raise StorageError(describe_error(exc)) from None
-        if tx.chain_head is not None:
-            seq, digest = tx.chain_head
-            log.info("audit chain head", extra={"chain_seq": seq, "chain_hash": digest})
-        if tx.queued and self._on_outbox is not None:
-            self._on_outbox()
-        return result
+        return transaction.write(self._writer, work, on_outbox=self._on_outbox)

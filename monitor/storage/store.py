@@ -13,15 +13,15 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Engine, Integer, bindparam, insert, select, text, update
 from sqlalchemy.engine import Connection, Row
-from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from monitor.core import EventDraft
 from monitor.core.alerting import SinkRoute
-from monitor.errors import ClaimLost, StaleStateError, StorageError
-from monitor.storage import chain, outbox
+from monitor.errors import ClaimLost, StaleStateError
+from monitor.storage import chain, outbox, transaction
 from monitor.storage.attribution import Attributions
 from monitor.storage.claims import HELD
-from monitor.storage.engine import WRITE, describe_error
+from monitor.storage.engine import WRITE
 from monitor.storage.schema import (
     UTCDateTime,
     events,
@@ -30,6 +30,7 @@ from monitor.storage.schema import (
     snapshots,
     targets,
 )
+from monitor.storage.transaction import Tx as _Tx
 
 __all__ = [
     "FailureRecord",
@@ -83,16 +84,6 @@ class Sighting:
     at: datetime  # the latest of the sightings
     times: int = 1
     epoch: int | None = None  # the claim they were polled under (replicas)
-
-
-@dataclass(slots=True)
-class _Tx:
-    """One write transaction, and what its commit announces: the audit chain head it wrote
-    and how many deliveries it queued."""
-
-    connection: Connection
-    chain_head: tuple[int, str] | None = None
-    queued: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,18 +368,7 @@ class Store:
             raise ClaimLost(lost)
 
     def _write(self, work: Callable[[_Tx], T]) -> T:
-        try:
-            with self._writer.connect() as connection, connection.begin():
-                tx = _Tx(connection)
-                result = work(tx)
-        except SQLAlchemyError as exc:
-            raise StorageError(describe_error(exc), permanent=isinstance(exc, DataError)) from None
-        if tx.chain_head is not None:
-            seq, digest = tx.chain_head
-            log.info("audit chain head", extra={"chain_seq": seq, "chain_hash": digest})
-        if tx.queued and self._on_outbox is not None:
-            self._on_outbox()
-        return result
+        return transaction.write(self._writer, work, on_outbox=self._on_outbox)
 
     def _ensure_target(self, connection: Connection, name: str, now: datetime) -> TargetState:
         target_id = connection.execute(select(targets.c.id).where(targets.c.name == name)).scalar()
