@@ -120,11 +120,12 @@ def _short(digest: str | None) -> str:
 def _cmd_run(args: argparse.Namespace) -> int:
     from monitor.app import Daemon
     from monitor.keyfile import fingerprint_key
-    from monitor.startup import check_listen, open_storage
+    from monitor.startup import check_listen, check_sqlite_free, open_storage
 
     # Everything that can be found wrong before the daemon does anything is exit code 2 with a
     # line naming the key: the listen address, the database, the fingerprint key file.
     settings = _settings(args)
+    check_sqlite_free(settings)
     check_listen(settings)
     open_storage(settings, migrate=False).dispose()
     fingerprint_key(settings)

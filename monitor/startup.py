@@ -28,7 +28,7 @@ from monitor.http_server import bind
 from monitor.storage import create_store_engine, upgrade
 from monitor.storage.engine import describe_error
 
-__all__ = ["LOCK_SUFFIX", "check_listen", "lock_sqlite", "open_storage"]
+__all__ = ["LOCK_SUFFIX", "check_listen", "check_sqlite_free", "lock_sqlite", "open_storage"]
 
 LOCK_SUFFIX: Final = ".lock"
 
@@ -67,6 +67,15 @@ def open_storage(settings: Settings, *, migrate: bool) -> Engine:
             engine.dispose()
             raise
     return engine
+
+
+def check_sqlite_free(settings: Settings) -> None:
+    """ConfigError when another daemon holds the SQLite database's lock. Checked before the
+    listen address: a second daemon started with the same config would find that taken too,
+    and the database is what the operator must hear about. The daemon takes the lock itself."""
+    held = lock_sqlite(settings)
+    if held is not None:
+        held.close()
 
 
 def lock_sqlite(settings: Settings) -> TextIO | None:

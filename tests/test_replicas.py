@@ -5,7 +5,9 @@ over at once on SIGTERM, record every change once; a SQLite database has one dae
 from __future__ import annotations
 
 import functools
+import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -360,7 +362,10 @@ def test_the_sqlite_lock_is_held_while_its_file_is_open(
 def test_run_refuses_a_sqlite_database_another_daemon_holds(
     tmp_path: Path, simulator: SimulatedGenAuth
 ) -> None:
-    config = write_config(tmp_path, simulator)
+    # The same config as the running daemon: its listen address is taken too, but the
+    # database is what the message names.
+    listening = socket.create_server(("127.0.0.1", 0))
+    config = write_config(tmp_path, simulator, port=listening.getsockname()[1])
     settings = runtime_settings(f"sqlite:///{tmp_path / 'monitor.db'}", simulator, tmp_path)
     held = lock_sqlite(settings)  # what the running daemon holds
     try:
@@ -370,8 +375,11 @@ def test_run_refuses_a_sqlite_database_another_daemon_holds(
     finally:
         assert held is not None
         held.close()
+        listening.close()
     assert result.returncode == 2
     assert f"another genauth-monitor daemon is using {tmp_path / 'monitor.db'}" in result.stderr
+    assert f"(pid {os.getpid()})" in result.stderr
+    assert "server.listen" not in result.stderr
 
 
 def _snapshots(url: str) -> int:
