@@ -196,7 +196,9 @@ def test_each_url_of_an_alertmanager_sink_is_a_lane_of_its_own(
     db_url: str, tmp_path: Path, receivers: Callable[[], Receiver]
 ) -> None:
     live, dead = receivers(), receivers()
-    dead.stop()
+    # Down, but keeping its port: a stopped server's port may be taken by another test's
+    # server meanwhile (xdist), which would then accept these alerts.
+    dead.status = 503
     with SimulatedGenAuth(access_key_secret=SECRET) as sim:
         settings = runtime_settings(
             db_url,
@@ -227,7 +229,7 @@ def test_each_url_of_an_alertmanager_sink_is_a_lane_of_its_own(
         assert _sample(runtime, metric, sink="am", outcome="failed") >= 1
         assert _sample(runtime, "genauth_monitor_outbox_pending", sink="am") == 3
 
-        dead.start()  # the same port again
+        dead.status = 200  # back
         assert runtime.delivery.drain(timeout=10) == 0
         assert _first_posts(dead) == recorded, "the one that came back gets every alert"
         assert _sample(runtime, metric, sink="am", outcome="sent") == 6
