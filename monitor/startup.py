@@ -73,6 +73,9 @@ def check_sqlite_free(settings: Settings) -> None:
     """ConfigError when another daemon holds the SQLite database's lock. Checked before the
     listen address: a second daemon started with the same config would find that taken too,
     and the database is what the operator must hear about. The daemon takes the lock itself."""
+    path = settings.storage.sqlite_path
+    if path is None or not path.parent.is_dir():
+        return  # no other daemon there; open_storage names what is wrong with the directory
     held = lock_sqlite(settings)
     if held is not None:
         held.close()
