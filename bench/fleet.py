@@ -34,11 +34,19 @@ For each configuration ``N@I`` (N targets polled every I):
 6. **/metrics**: ``--scrapes`` GETs (default 50) with ``Accept-Encoding: gzip`` as Prometheus
    sends, spaced just over the daemon's 1 s render cache so each one renders; p50 and p99
    (nearest rank: of 50, the largest) of the wall time.
+7. **Per target**: the simulator serves one pool for every target and cannot tell them apart,
+   so each daemon window also reads every target's ``seen_count`` from the database before and
+   after: the fewest and the most sightings of any target per interval (1.00 each when every
+   target is polled exactly once per interval, by whichever replica).
+8. **Failover** (K > 1): SIGKILL the first replica, then the seconds until every target has a
+   new sighting in the database (its targets wait for their claims' leases to run out).
 
 One line per configuration; ``--check`` exits 1 when a goal of issue 10 is missed:
 CPU per poll <= 1.0x the floor; /metrics p99 <= 20 ms up to 1,000 targets and <= 100 ms up
 to 10,000; peak RSS < 150 MiB, /healthz < 2 s up to 10,000 targets; first polls spread within
-min(interval, 30 s) (and no 1 s with more than twice the even rate); polls done >= 99%.
+min(interval, 30 s) (and no 1 s with more than twice the even rate); polls done >= 99%;
+and with K > 1 the goals of issue 11: upstream requests per target per interval 1.00 +- 0.02,
+polls done >= 99.9%, failover < max(2 intervals, 30 s).
 """
 
 from __future__ import annotations
@@ -83,6 +91,8 @@ GOAL_DONE = 0.99
 GOAL_RSS_MIB = 150.0
 GOAL_HEALTHZ_S = 2.0
 FIRST_SPREAD_MAX = 30.0
+# The goals of issue 11 (replicas).
+GOAL_REPLICA_DONE = 0.999
 
 
 def goal_metrics_p99_ms(targets: int) -> float | None:
@@ -297,6 +307,31 @@ def scratch_database(url: str | None, directory: Path) -> Iterator[str]:
         admin.dispose()
 
 
+class Sightings:
+    """Each target's sightings so far, as the daemons recorded them (``seen_count`` of its
+    current snapshot): how many times each target was polled, where the simulator, serving one
+    pool for all targets, cannot tell them apart. Sightings are written in ticks of 0.5 s."""
+
+    QUERY = (
+        "SELECT p.target_id, s.seen_count FROM poll_state p "
+        "JOIN snapshots s ON s.id = p.current_snapshot_id"
+    )
+
+    def __init__(self, url: str) -> None:
+        from sqlalchemy import create_engine
+
+        self.engine = create_engine(url)
+
+    def read(self) -> dict[int, int]:
+        from sqlalchemy import text
+
+        with self.engine.connect() as connection:
+            return {int(t): int(n) for t, n in connection.execute(text(self.QUERY))}
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
 # --------------------------------------------------------------------------- measurements
 
 
@@ -318,6 +353,9 @@ class Result:
     healthz_ms: list[float] = field(default_factory=list)  # the same server's floor, same run
     metrics_bytes: int = 0
     metrics_gzip_bytes: int = 0
+    per_target_low: list[float] = field(default_factory=list)  # fewest sightings / planned
+    per_target_high: list[float] = field(default_factory=list)  # most sightings / planned
+    failover_s: float = math.nan  # SIGKILL of one replica to every target sighted again
     failed: str = ""
 
     @property
@@ -379,7 +417,32 @@ class Result:
                     f"{self.healthz_s:.2f} s",
                 )
             )
+        if self.replicas > 1:
+            out += self.replica_goals()
         return out
+
+    def replica_goals(self) -> list[tuple[str, bool, str]]:
+        """The goals of issue 11's scale section (SPEC §10) for K > 1 replicas."""
+        done = statistics.median(self.done) if self.done else math.nan
+        bound = failover_bound(self.cfg)
+        return [
+            (
+                "upstream requests per target per interval 1.00 +- 0.02",
+                abs(done - 1.0) <= 0.02,
+                f"{done:.3f} (per target {med(self.per_target_low):.2f}-"
+                f"{med(self.per_target_high):.2f} sightings per interval)",
+            ),
+            (f"polls done >= {GOAL_REPLICA_DONE:.1%}", done >= GOAL_REPLICA_DONE, f"{done:.2%}"),
+            (
+                f"failover after SIGKILL < {bound:g} s (max(2 intervals, 30 s))",
+                self.failover_s < bound,
+                f"{self.failover_s:.1f} s",
+            ),
+        ]
+
+
+def failover_bound(cfg: Config) -> float:
+    return max(2 * cfg.interval, 30.0)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -448,7 +511,7 @@ def run_config(
         ):
             daemons = start_daemons(cfg, replicas, url, sim.base_url, Path(tmp))
             try:
-                measure(result, plan, sim, daemons, verbose)
+                measure(result, plan, sim, daemons, url, verbose)
             except Exception as exc:  # one line for this configuration, the reason beside it
                 result.failed = f"{type(exc).__name__}: {exc}"
                 for daemon in daemons:
@@ -483,9 +546,24 @@ def start_daemons(cfg: Config, replicas: int, url: str, base_url: str, tmp: Path
 
 
 def measure(
-    result: Result, plan: Plan, sim: Simulator, daemons: list[Daemon], verbose: bool
+    result: Result, plan: Plan, sim: Simulator, daemons: list[Daemon], url: str, verbose: bool
 ) -> None:
     measure_startup(result, sim, daemons, daemons[0].started)
+    sightings = Sightings(url)
+    try:
+        measure_all(result, plan, sim, daemons, sightings, verbose)
+    finally:
+        sightings.close()
+
+
+def measure_all(
+    result: Result,
+    plan: Plan,
+    sim: Simulator,
+    daemons: list[Daemon],
+    sightings: Sightings,
+    verbose: bool,
+) -> None:
     if verbose:
         print(
             f"  {result.cfg.label}: /healthz {result.healthz_s:.2f} s, last first poll "
@@ -493,9 +571,29 @@ def measure(
             f"on schedule {result.steady_s:.0f} s",
             flush=True,
         )
-    measure_rounds(result, plan, sim, daemons, verbose)
+    measure_rounds(result, plan, sim, daemons, sightings, verbose)
     measure_scrapes(result, plan.scrapes, daemons)
     result.rss_peak = max(proc_status_mib(d.pid, "VmHWM") for d in daemons)
+    if len(daemons) > 1:
+        result.failover_s = measure_failover(result.cfg, daemons, sightings)
+        if verbose:
+            print(f"  {result.cfg.label}: failover {result.failover_s:.1f} s", flush=True)
+
+
+def measure_failover(cfg: Config, daemons: list[Daemon], sightings: Sightings) -> float:
+    """SIGKILL the first replica; the seconds until every target has been sighted again (the
+    survivors' own targets at once, the dead one's after its claims' leases run out)."""
+    before = sightings.read()
+    daemons[0].proc.kill()
+    daemons[0].proc.wait()
+    killed = time.monotonic()
+    deadline = killed + 3 * failover_bound(cfg)
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = sightings.read()
+        if all(now.get(target, 0) > count for target, count in before.items()):
+            return time.monotonic() - killed
+    return math.inf
 
 
 def stop_daemons(daemons: list[Daemon]) -> None:
@@ -597,18 +695,29 @@ def signal_daemons(daemons: list[Daemon], sig: signal.Signals) -> None:
 
 
 def measure_rounds(
-    result: Result, plan: Plan, sim: Simulator, daemons: list[Daemon], verbose: bool
+    result: Result,
+    plan: Plan,
+    sim: Simulator,
+    daemons: list[Daemon],
+    sightings: Sightings,
+    verbose: bool,
 ) -> None:
     cfg = result.cfg
     floor = Floor(sim.base_url)
     time.sleep(plan.settle)  # the first round's catch-up (token fetches) behind them
 
     def daemon_round() -> None:
+        seen0 = sightings.read()
         cpu0 = daemons_cpu(daemons)
         t0, _, polls0 = sim.counts()
         time.sleep(plan.window)
         t1, _, polls1 = sim.counts()
         cpu1 = daemons_cpu(daemons)
+        seen1 = sightings.read()
+        planned = (t1 - t0) / cfg.interval
+        per_target = [(seen1.get(t, 0) - n) / planned for t, n in seen0.items()]
+        result.per_target_low.append(min(per_target, default=math.nan))
+        result.per_target_high.append(max(per_target, default=math.nan))
         polls = polls1 - polls0
         result.daemon_us.append((cpu1 - cpu0) / max(polls, 1) * 1e6)
         result.done.append(polls / (cfg.targets * (t1 - t0) / cfg.interval))
@@ -670,7 +779,10 @@ def line(r: Result) -> str:
         f"gzip {r.metrics_gzip_bytes / 1e6:.2f}; GET /healthz p50 {r.p(0.5, 'healthz_ms'):.1f} "
         f"p99 {r.p(0.99, 'healthz_ms'):.1f} ms)  "
         f"/healthz {r.healthz_s:5.2f} s  first polls {r.first_polls_s:5.2f} s "
-        f"(spread {r.spread_s:.2f} s, peak {r.peak_rate:.0f}/s), on schedule {r.steady_s:.0f} s"
+        f"(spread {r.spread_s:.2f} s, peak {r.peak_rate:.0f}/s), on schedule {r.steady_s:.0f} s  "
+        f"sightings per target per interval {med(r.per_target_low):.2f}-"
+        f"{med(r.per_target_high):.2f}"
+        + (f"  failover {r.failover_s:.1f} s" if r.replicas > 1 else "")
     )
 
 
