@@ -8,7 +8,8 @@ really happened.
 Changes and failures are written as soon as they are queued. A poll that saw the current
 snapshot again, the common case, only moves ``last_seen_at`` and the counters: such sightings
 wait for the next tick (at most TICK seconds) and every target's are written in one
-transaction. ``last_seen_at`` in the database is therefore at most TICK (plus the write) behind;
+transaction. A run of changes longer than the tick (a fleet's first snapshots) stops at the tick
+for them, so ``last_seen_at`` in the database is at most TICK (plus one write) behind;
 a stop writes what is waiting, and a SIGKILL loses at most one tick of unchanged sightings,
 never a change, a failure or an event.
 """
@@ -91,7 +92,9 @@ class Recorder:
                 else:
                     waiting.pop(name, None)
                     now[name] = poller
-            done = self._write(now)
+            # A long run of changes (a fleet's first snapshots) yields to the tick, so the
+            # sightings waiting for it are not starved past their bound.
+            done = self._write(now, until=None if stopping or not waiting else tick_at)
             if done and (stopping or self._monotonic() >= tick_at):
                 done = self._write_sightings(waiting)
                 waiting = {}
@@ -117,11 +120,16 @@ class Recorder:
             batch, self._dirty = self._dirty, {}
         return batch
 
-    def _write(self, batch: dict[str, TargetPoller]) -> bool:
+    def _write(self, batch: dict[str, TargetPoller], *, until: float | None = None) -> bool:
         """Write each target's queue; at the first failure keep the rest for later (the
-        database is away: trying every other target now would only wait on it again)."""
+        database is away: trying every other target now would only wait on it again). Past
+        ``until`` the rest waits for the next round too, and True says nothing failed."""
         pollers = list(batch.values())
         for index, poller in enumerate(pollers):
+            if until is not None and index and self._monotonic() >= until:
+                for left in pollers[index:]:
+                    self.mark(left)
+                return True
             self._writing_since = self._monotonic()
             try:
                 done = poller.flush()[1]

@@ -6,6 +6,7 @@ one, losing nothing."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -195,3 +196,52 @@ def test_a_batch_with_a_stale_target_is_written_one_by_one(
             )
         assert kinds == ["first_seen", "delivery_changed", "delivery_changed"]
         assert runtime.pollers["c"].pending == 0
+
+
+def test_a_long_run_of_changes_yields_to_the_tick(
+    db_url: str, simulator: SimulatedGenAuth, tmp_path: Path, clock: FakeClock
+) -> None:
+    """Changes queued faster than they are written (a fleet's first snapshots) must not starve
+    the sightings waiting for the tick past their bound: the run of changes stops at the tick,
+    the sightings are written, then the rest of the run."""
+    with _recording(db_url, simulator, tmp_path, clock, tick=0.2) as (runtime, recorder):
+        _poll_all(runtime, clock)
+        wait_for(lambda: _written(runtime), timeout=10, what="first snapshots written")
+        order: list[str] = []
+        gate = threading.Event()
+
+        def slow_changes(
+            _conn: Any, _cursor: Any, statement: str, _params: Any, _context: Any, many: bool
+        ) -> None:
+            if statement.startswith("INSERT INTO snapshots"):
+                order.append("change")
+                gate.wait(10)  # the first change holds the recorder while the rest queue
+                time.sleep(0.3)  # each change outlasts the tick
+            elif many and statement.startswith("UPDATE snapshots"):
+                order.append("sightings")
+
+        engine = runtime.store.engine
+        event.listen(engine, "before_cursor_execute", slow_changes)
+        old = simulator.data
+        new = {**old, "smtpConfig": {**old["smtpConfig"], "smtp_host": "smtp.elsewhere.example"}}
+
+        def poll(names: str, data: dict[str, Any]) -> None:
+            simulator.set_data(data)
+            clock.advance(1)
+            for name in names:
+                assert runtime.pollers[name].poll().ok
+
+        try:
+            poll("c", new)  # a change: the recorder writes it and waits at the gate
+            wait_for(lambda: order == ["change"], timeout=5, what="the first change in flight")
+            poll("ab", old)  # two lone unchanged sightings, for the tick
+            poll("de", new)  # two more changes queued behind them
+            gate.set()
+            wait_for(lambda: _written(runtime), timeout=10, what="everything written")
+        finally:
+            event.remove(engine, "before_cursor_execute", slow_changes)
+        recorder.stop()
+        assert order.count("change") == 3
+        assert order.index("sightings") < len(order) - 1, order  # between d and e, not last
+        seen = _seen(engine)
+        assert {name: seen[name][0] for name in NAMES} == {"a": 2, "b": 2, "c": 1, "d": 1, "e": 1}
