@@ -17,7 +17,9 @@ For each configuration ``N@I`` (N targets polled every I):
    are the first polls over time.
 2. ``--replicas`` K (default 1) real daemons (``python -m monitor run``) start on one database
    (a temp SQLite file, or a scratch database of ``--storage-url`` created and dropped here),
-   each with its own config file and port, all N targets in each config.
+   each with its own config file and port, all N targets in each config. ``--shards`` is their
+   baseline without coordination: each daemon on a database of its own with 1/K of the targets
+   (the same processes and polls, no claims shared).
 3. **Start-up**: from ``Popen`` to ``/healthz`` 200 (every replica), and to the last target's
    first poll; the spread of the first polls (first to last) and their peak rate in any 1 s;
    then to the daemons polling on schedule (two 2 s windows in a row at most 1.2x the planned
@@ -244,7 +246,9 @@ def parse_configs(text: str) -> list[Config]:
     return configs
 
 
-def write_config(directory: Path, index: int, cfg: Config, url: str, port: int, base: str) -> Path:
+def write_config(
+    directory: Path, index: int, names: range, cfg: Config, url: str, port: int, base: str
+) -> Path:
     lines = [
         "[monitor]",
         f'interval = "{cfg.interval:g}s"',
@@ -254,7 +258,7 @@ def write_config(directory: Path, index: int, cfg: Config, url: str, port: int, 
         "[server]",
         f'listen = "127.0.0.1:{port}"',
     ]
-    for i in range(cfg.targets):
+    for i in names:
         lines += [
             "[[targets]]",
             f'name = "pool-{i:05d}"',
@@ -289,6 +293,7 @@ class Daemon:
 def scratch_database(url: str | None, directory: Path) -> Iterator[str]:
     """A temp SQLite file, or a database of its own on the PostgreSQL server of ``url``."""
     if url is None:
+        directory.mkdir(parents=True, exist_ok=True)
         yield f"sqlite:///{directory / 'fleet.db'}"
         return
     from sqlalchemy import create_engine, text
@@ -317,19 +322,25 @@ class Sightings:
         "JOIN snapshots s ON s.id = p.current_snapshot_id"
     )
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, urls: Sequence[str]) -> None:
         from sqlalchemy import create_engine
 
-        self.engine = create_engine(url)
+        self.engines = [create_engine(url) for url in dict.fromkeys(urls)]
 
-    def read(self) -> dict[int, int]:
+    def read(self) -> dict[tuple[int, int], int]:
+        """(database, target id) -> sightings."""
         from sqlalchemy import text
 
-        with self.engine.connect() as connection:
-            return {int(t): int(n) for t, n in connection.execute(text(self.QUERY))}
+        seen = {}
+        for index, engine in enumerate(self.engines):
+            with engine.connect() as connection:
+                for target, count in connection.execute(text(self.QUERY)):
+                    seen[index, int(target)] = int(count)
+        return seen
 
     def close(self) -> None:
-        self.engine.dispose()
+        for engine in self.engines:
+            engine.dispose()
 
 
 # --------------------------------------------------------------------------- measurements
@@ -339,6 +350,7 @@ class Sightings:
 class Result:
     cfg: Config
     replicas: int
+    shards: bool = False  # the replicas each on a database of their own, the targets split
     healthz_s: float = math.nan
     first_polls_s: float = math.nan  # process start to the last target's first poll
     spread_s: float = math.nan  # first to last first poll
@@ -417,7 +429,7 @@ class Result:
                     f"{self.healthz_s:.2f} s",
                 )
             )
-        if self.replicas > 1:
+        if self.replicas > 1 and not self.shards:
             out += self.replica_goals()
         return out
 
@@ -500,18 +512,28 @@ class Plan:
 
 
 def run_config(
-    cfg: Config, plan: Plan, *, replicas: int, storage_url: str | None, verbose: bool
+    cfg: Config,
+    plan: Plan,
+    *,
+    replicas: int,
+    shards: bool,
+    storage_url: str | None,
+    verbose: bool,
 ) -> Result:
-    result = Result(cfg, replicas)
+    result = Result(cfg, replicas, shards)
     sim = Simulator()
     try:
         with (
             tempfile.TemporaryDirectory(prefix="genauth-fleet-") as tmp,
-            scratch_database(storage_url, Path(tmp)) as url,
+            contextlib.ExitStack() as stack,
         ):
-            daemons = start_daemons(cfg, replicas, url, sim.base_url, Path(tmp))
+            urls = [
+                stack.enter_context(scratch_database(storage_url, Path(tmp) / f"db-{index}"))
+                for index in range(replicas if shards else 1)
+            ]
+            daemons = start_daemons(cfg, replicas, urls, sim.base_url, Path(tmp))
             try:
-                measure(result, plan, sim, daemons, url, verbose)
+                measure(result, plan, sim, daemons, urls, verbose)
             except Exception as exc:  # one line for this configuration, the reason beside it
                 result.failed = f"{type(exc).__name__}: {exc}"
                 for daemon in daemons:
@@ -523,7 +545,11 @@ def run_config(
     return result
 
 
-def start_daemons(cfg: Config, replicas: int, url: str, base_url: str, tmp: Path) -> list[Daemon]:
+def start_daemons(
+    cfg: Config, replicas: int, urls: list[str], base_url: str, tmp: Path
+) -> list[Daemon]:
+    """``replicas`` daemons on ``urls[0]`` with every target each, or (one URL per daemon, the
+    ``--shards`` baseline) each with its own database and its own share of the targets."""
     env = {
         **os.environ,
         "BENCH_SECRET": KEY_SECRET,
@@ -532,7 +558,13 @@ def start_daemons(cfg: Config, replicas: int, url: str, base_url: str, tmp: Path
     configs = []
     for index in range(replicas):
         port = free_port()
-        configs.append((port, write_config(tmp, index, cfg, url, port, base_url)))
+        if len(urls) > 1:
+            share = -(-cfg.targets // replicas)
+            names = range(index * share, min(cfg.targets, (index + 1) * share))
+            url = urls[index]
+        else:
+            names, url = range(cfg.targets), urls[0]
+        configs.append((port, write_config(tmp, index, names, cfg, url, port, base_url)))
     daemons = []
     for index, (port, path) in enumerate(configs):
         log = tmp / f"replica-{index}.log"
@@ -546,10 +578,15 @@ def start_daemons(cfg: Config, replicas: int, url: str, base_url: str, tmp: Path
 
 
 def measure(
-    result: Result, plan: Plan, sim: Simulator, daemons: list[Daemon], url: str, verbose: bool
+    result: Result,
+    plan: Plan,
+    sim: Simulator,
+    daemons: list[Daemon],
+    urls: list[str],
+    verbose: bool,
 ) -> None:
     measure_startup(result, sim, daemons, daemons[0].started)
-    sightings = Sightings(url)
+    sightings = Sightings(urls)
     try:
         measure_all(result, plan, sim, daemons, sightings, verbose)
     finally:
@@ -574,7 +611,7 @@ def measure_all(
     measure_rounds(result, plan, sim, daemons, sightings, verbose)
     measure_scrapes(result, plan.scrapes, daemons)
     result.rss_peak = max(proc_status_mib(d.pid, "VmHWM") for d in daemons)
-    if len(daemons) > 1:
+    if len(daemons) > 1 and not result.shards:
         result.failover_s = measure_failover(result.cfg, daemons, sightings)
         if verbose:
             print(f"  {result.cfg.label}: failover {result.failover_s:.1f} s", flush=True)
@@ -772,7 +809,8 @@ def med(values: Sequence[float]) -> float:
 
 def line(r: Result) -> str:
     return (
-        f"{r.cfg.label:>11} x{r.replicas}  daemon {med(r.daemon_us):5.0f} us/poll  floor "
+        f"{r.cfg.label:>11} x{r.replicas}{' shards' if r.shards else ''}  daemon "
+        f"{med(r.daemon_us):5.0f} us/poll  floor "
         f"{med(r.floor_us):4.0f} us  ratio {r.ratio:4.2f}x  done {med(r.done):7.2%}  "
         f"RSS {med(r.rss_steady):5.1f}/{r.rss_peak:5.1f} MiB  /metrics p50 {r.p(0.5):6.1f} "
         f"p99 {r.p(0.99):6.1f} ms ({r.metrics_bytes / 1e6:.2f} MB, "
@@ -782,7 +820,7 @@ def line(r: Result) -> str:
         f"(spread {r.spread_s:.2f} s, peak {r.peak_rate:.0f}/s), on schedule {r.steady_s:.0f} s  "
         f"sightings per target per interval {med(r.per_target_low):.2f}-"
         f"{med(r.per_target_high):.2f}"
-        + (f"  failover {r.failover_s:.1f} s" if r.replicas > 1 else "")
+        + (f"  failover {r.failover_s:.1f} s" if r.replicas > 1 and not r.shards else "")
     )
 
 
@@ -800,6 +838,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scrapes", type=int, help="GET /metrics count (default 50; quick 10)")
     parser.add_argument("--storage-url", help="a PostgreSQL server (a scratch database on it)")
     parser.add_argument("--replicas", type=int, default=1, help="daemons on one database")
+    parser.add_argument(
+        "--shards",
+        action="store_true",
+        help="the baseline of --replicas: each daemon on a database of its own, with 1/K of "
+        "the targets (no coordination)",
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 10@1s, short rounds")
     parser.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
     parser.add_argument("-q", "--quiet", action="store_true", help="no per-round lines")
@@ -832,6 +876,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg,
                 plan,
                 replicas=args.replicas,
+                shards=args.shards,
                 storage_url=args.storage_url,
                 verbose=not args.quiet,
             )
