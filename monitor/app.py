@@ -310,11 +310,12 @@ class Daemon:
             replica=self.replica_name, replicas=replicas, owned=owned, skew=skew
         )
 
-    def _claimed(self, name: str) -> None:
-        """A target this replica now polls starts from what the previous owner recorded."""
-        self._mirrored.pop(name, None)  # our polls set its gauges now; mirror anew once dropped
-        poller = self.runtime.pollers[name]
-        poller.restore(self.runtime.store.ensure_target(name, now=self._clock()))
+    def _claimed(self, names: list[str]) -> None:
+        """Targets this replica now polls start from what their previous owner recorded."""
+        states = self.runtime.store.ensure_targets(names, now=self._clock())
+        for name in names:
+            self._mirrored.pop(name, None)  # our polls set its gauges; mirror anew once dropped
+            self.runtime.pollers[name].restore(states[name])
 
     def _mirror(self, states: list[MirroredState]) -> None:
         """The state gauges of the targets another replica polls, as the database has them."""

@@ -111,7 +111,7 @@ class Cluster:
         key_check: str,
         on_mirror: Callable[[list[MirroredState]], None],
         on_beat: Callable[[int, int, float], None],
-        on_claimed: Callable[[str], None] = lambda _name: None,
+        on_claimed: Callable[[list[str]], None] = lambda _names: None,
         clock: Clock = utc_now,
         tick: float | None = None,
     ) -> None:
@@ -230,8 +230,7 @@ class Cluster:
         if owned > quota and beat.free == 0:
             self._release_surplus(list(self.held()), owned - quota)
         elif owned < quota and beat.free > 0:
-            for claimed in self.claims.claim(self._names, quota - owned):
-                self._gain(claimed, beat.db_now)
+            self._gain(self.claims.claim(self._names, quota - owned), beat.db_now)
         held = self.held()
         self._on_beat(beat.live, len(held), self.skew)
         self._on_mirror(self.claims.states([n for n in self._names if n not in held]))
@@ -263,19 +262,25 @@ class Cluster:
         self.claims.release(surplus)
         log.info("released targets for another replica", extra={"targets": len(surplus)})
 
-    def _gain(self, claimed: Claimed, db_now: datetime) -> None:
-        interval = timedelta(seconds=self._targets[claimed.target])
-        last = claimed.last_attempt_at
-        # Never polled, or overdue (its owner was killed, or no daemon ran): poll soon, spread
-        # as at a start; else at the slot after the previous owner's last poll.
-        soon = last is None or last + interval <= db_now
-        earliest = db_now if last is None else max(db_now, last + interval / 2)
+    def _gain(self, claimed: list[Claimed], db_now: datetime) -> None:
+        if not claimed:
+            return
+        # The targets' states in one read, not one transaction each: a replica taking a
+        # thousand targets would otherwise miss its own heartbeats for seconds, and lose them.
+        self._on_claimed([c.target for c in claimed])
         skew = timedelta(seconds=self.skew)
-        self._on_claimed(claimed.target)
-        with self._lock:
-            self._held[claimed.target] = _Held(claimed.epoch)
-        self._holder.hold(claimed.target, not_before=earliest + skew, skew=skew, soon=soon)
-        log.info("target claimed", extra={"target": claimed.target, "epoch": claimed.epoch})
+        for one in claimed:
+            interval = timedelta(seconds=self._targets[one.target])
+            last = one.last_attempt_at
+            # Never polled, or overdue (its owner was killed, or no daemon ran): poll soon,
+            # spread as at a start; else at the slot after the previous owner's last poll.
+            soon = last is None or last + interval <= db_now
+            earliest = db_now if last is None else max(db_now, last + interval / 2)
+            with self._lock:
+                self._held[one.target] = _Held(one.epoch)
+            self._holder.hold(one.target, not_before=earliest + skew, skew=skew, soon=soon)
+            log.debug("target claimed", extra={"target": one.target, "epoch": one.epoch})
+        log.info("targets claimed", extra={"targets": len(claimed)})
 
     def _lost_membership(self) -> None:
         """Our row is gone or another process's: hold nothing, and join again."""

@@ -57,5 +57,6 @@ class HttpServer:
 
     def stop(self) -> None:
         self._server.should_exit = True
-        self._thread.join(timeout=5)
+        if self._thread.ident is not None:  # a daemon stopped before it started has no thread
+            self._thread.join(timeout=5)
         self._socket.close()

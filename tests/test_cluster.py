@@ -373,3 +373,46 @@ def test_run_refuses_a_replica_name_a_live_replica_has(
     assert result.returncode == 2
     assert "cluster.replica_name: replica name 'mon-a' is in use by a live replica" in result.stderr
     assert "host elsewhere" in result.stderr
+
+
+def test_a_replica_taking_many_targets_reads_their_states_in_bulk(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """A replica that takes a thousand targets at once (the first of a fleet, or the survivor
+    of a failover) must not spend a transaction per target between two heartbeats: that kept
+    its heartbeat away for longer than the lease, and it lost every claim it had just taken."""
+    from sqlalchemy import event
+
+    from monitor.app import Daemon
+    from monitor.config import parse_settings
+
+    many = [f"pool-{i:04d}" for i in range(1200)]
+    settings = parse_settings(
+        {
+            "monitor": {"fingerprint_key_env": "FP"},
+            "storage": {"url": postgres_url},
+            "server": {"listen": "127.0.0.1:0"},
+            "cluster": {"replica_name": "bulk"},
+            "targets": [
+                {
+                    "name": name,
+                    "base_url": "http://127.0.0.1:9",
+                    "access_key_id": "id",
+                    "access_key_secret_env": "SECRET",
+                }
+                for name in many
+            ],
+        },
+        base_dir=tmp_path,
+        environ={"FP": "k", "SECRET": "s"},
+    )
+    daemon = Daemon(settings)
+    try:
+        assert daemon.cluster is not None
+        commits: list[int] = []
+        event.listen(daemon.runtime.store.engine, "commit", lambda _c: commits.append(1))
+        daemon.cluster.step()  # alone: it takes all 1,200
+        assert len(daemon.cluster.held()) == len(many)
+        assert len(commits) <= 4, len(commits)  # states in chunks of 500, not 1,200 writes
+    finally:
+        daemon.stop()
