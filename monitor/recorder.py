@@ -41,6 +41,7 @@ class Recorder:
         self, *, tick: float = TICK, monotonic: Callable[[], float] = time.monotonic
     ) -> None:
         self._dirty: dict[str, TargetPoller] = {}  # insertion order: oldest outcome first
+        self._urgent = False  # a change or a failure is dirty: write before the tick
         self._lock = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -51,10 +52,15 @@ class Recorder:
         self._failing = False
 
     def mark(self, poller: TargetPoller) -> None:
-        """``poller`` has outcomes to write (the pollers' ``on_pending``)."""
+        """``poller`` has outcomes to write (the pollers' ``on_pending``). A lone unchanged
+        sighting, the common case, does not wake the recorder: it waits for the tick anyway,
+        and a wake per poll cost more CPU than writing the poll."""
+        urgent = poller.sighting(seal=False) is None
         with self._lock:
             self._dirty.setdefault(poller.name, poller)
-            self._lock.notify()
+            if urgent:
+                self._urgent = True
+                self._lock.notify()
 
     @property
     def healthy(self) -> bool:
@@ -72,6 +78,7 @@ class Recorder:
         """Stop after writing what the database takes within ``timeout`` seconds."""
         self._stop.set()
         with self._lock:
+            self._urgent = True
             self._lock.notify()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -110,14 +117,17 @@ class Recorder:
             delay = min(RETRY_MAX, delay * 2)
 
     def _next_batch(self, tick_at: float | None) -> dict[str, TargetPoller]:
-        """Wait for outcomes to write, the tick (when sightings wait for it) or the stop."""
+        """Wait for a change or failure to write, the tick (when sightings wait for it, else
+        one tick from now, for sightings marked meanwhile) or the stop."""
         with self._lock:
-            while not self._dirty and not self._stop.is_set():
-                left = 1.0 if tick_at is None else tick_at - self._monotonic()
+            wake_at = self._monotonic() + self._tick if tick_at is None else tick_at
+            while not self._urgent and not self._stop.is_set():
+                left = wake_at - self._monotonic()
                 if left <= 0:
                     break
-                self._lock.wait(min(left, 1.0))
+                self._lock.wait(left)
             batch, self._dirty = self._dirty, {}
+            self._urgent = False
         return batch
 
     def _write(self, batch: dict[str, TargetPoller], *, until: float | None = None) -> bool:

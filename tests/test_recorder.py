@@ -245,3 +245,34 @@ def test_a_long_run_of_changes_yields_to_the_tick(
         assert order.index("sightings") < len(order) - 1, order  # between d and e, not last
         seen = _seen(engine)
         assert {name: seen[name][0] for name in NAMES} == {"a": 2, "b": 2, "c": 1, "d": 1, "e": 1}
+
+
+def test_unchanged_sightings_do_not_wake_the_recorder(
+    db_url: str, simulator: SimulatedGenAuth, tmp_path: Path, clock: FakeClock
+) -> None:
+    """A sighting waits for the tick anyway: waking the recorder thread for each one cost more
+    CPU than writing it. Each wake reads the recorder's clock, so the reads count the wakes."""
+    reads: list[float] = []
+
+    def monotonic() -> float:
+        reads.append(now := time.monotonic())
+        return now
+
+    recorder = Recorder(tick=5.0, monotonic=monotonic)  # a tick longer than the test
+    runtime = build_runtime(_settings(db_url, simulator, tmp_path), clock=clock, recorder=recorder)
+    recorder.start(runtime.store)
+    try:
+        _poll_all(runtime, clock)  # first snapshots: changes, written at once
+        wait_for(lambda: _written(runtime), timeout=10, what="first snapshots written")
+        time.sleep(0.1)
+        reads.clear()
+        for _ in range(10):
+            last = _poll_all(runtime, clock)  # fifty unchanged sightings
+        time.sleep(0.2)
+        assert len(reads) < 10, f"{len(reads)} clock reads: the recorder woke per sighting"
+        assert not _written(runtime)  # they wait for the tick (or the stop)
+        recorder.stop()
+        assert _seen(runtime.store.engine) == {name: (11, last) for name in NAMES}
+    finally:
+        recorder.stop()
+        runtime.store.engine.dispose()
