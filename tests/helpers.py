@@ -299,7 +299,7 @@ def serve_app(runtime: Any, clock: Any, token: str | None) -> tuple[Any, Any]:
         ready=lambda: (True, {}),
         api_token=token,
         clock=clock,
-        targets=[target.name for target in runtime.settings.targets],
+        targets=runtime.targets,
     )
     server = HttpServer(app, host="127.0.0.1", port=0)
     server.start()
