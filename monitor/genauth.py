@@ -369,7 +369,12 @@ class GenAuthClient:
             if auth is not None and self._clock() < auth[1]:
                 return auth[0]
             headers, refresh_at = self._new_token(deadline)
-            request = requests.PreparedRequest()  # kept until the token expires: lean
+            # Kept until the token expires, one per target: built by hand without the cookie
+            # jar and hooks requests gives each (the URL was prepared by requests in the
+            # Route), with requests' own check of every header (no CR, LF or leading space).
+            for header in headers.items():
+                requests.utils.check_header_validity(header)
+            request = requests.PreparedRequest()
             request.method, request.url = "GET", self._route.provider_url
             request.headers = CaseInsensitiveDict(headers)
             request.hooks = _NO_HOOKS  # read only by requests
