@@ -92,6 +92,7 @@ class StartingServer:
         self.port: int = sock.getsockname()[1]
         sock.listen(_BACKLOG)
         self._server = _Server(sock.getsockname()[:2], _Starting, bind_and_activate=False)
+        self._server.socket.close()  # the unbound one socketserver made: ours instead
         self._server.socket = sock
         self._thread = threading.Thread(
             target=self._server.serve_forever, args=(_POLL,), name="http-starting", daemon=True

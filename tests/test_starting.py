@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from monitor.app import Daemon
+from monitor.errors import ConfigError
 from monitor.listen import StartingServer
 from monitor.simulator import SimulatedGenAuth
 from tests.helpers import free_port, runtime_settings, start_daemon, wait_for
@@ -32,6 +33,19 @@ def test_the_starting_server_is_alive_and_not_ready() -> None:
             answer = requests.get(_url(server, path), timeout=5)
             assert answer.status_code == 503
             assert answer.headers["Retry-After"] == "1"
+    finally:
+        server.close()
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6")
+def test_the_starting_server_listens_on_ipv6_too() -> None:
+    try:
+        server = StartingServer.open("::1", 0)
+    except ConfigError:
+        pytest.skip("::1 is not configured here")
+    try:
+        answer = requests.get(f"http://[::1]:{server.port}/healthz", timeout=5)
+        assert answer.status_code == 200
     finally:
         server.close()
 
