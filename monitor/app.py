@@ -22,12 +22,13 @@ from monitor.api import create_app
 from monitor.attribution import AttributionWorker, TargetLog
 from monitor.audit_log import AuditLogReader
 from monitor.cluster import LEASE, Cluster, default_replica_name, key_check
-from monitor.config import Settings, SinkSettings, TargetSettings
+from monitor.config import MonitorSettings, Settings, SinkSettings, TargetSettings
 from monitor.core.alerting import SinkRoute
-from monitor.genauth import GenAuthClient
+from monitor.genauth import GenAuthClient, Route
 from monitor.http_server import HttpServer
 from monitor.httpio import abort, bounded_session
 from monitor.keyfile import fingerprint_key
+from monitor.listen import StartingServer
 from monitor.metrics import Metrics
 from monitor.ratelimit import RateLimit
 from monitor.recorder import Recorder
@@ -52,9 +53,14 @@ STOP_WRITE_WAIT: Final = 2.0  # seconds a stopping daemon waits to write what it
 
 @dataclass
 class Runtime:
-    """Objects shared by the daemon and one-shot commands such as ``check``."""
+    """Objects shared by the daemon and one-shot commands such as ``check``.
 
-    settings: Settings
+    It keeps what the running daemon reads, not the validated configuration: with 10,000
+    targets the settings models are about 14 MiB, and each poller and client holds what it
+    needs of its target."""
+
+    monitor: MonitorSettings
+    targets: tuple[str, ...]  # the configured target names, in the configuration's order
     store: Store
     queries: Queries
     registry: CollectorRegistry
@@ -135,7 +141,8 @@ def build_runtime(
         on_outbox=delivery.wake,
     )
     runtime = Runtime(
-        settings=settings,
+        monitor=settings.monitor,
+        targets=tuple(target.name for target in settings.targets),
         store=Store(
             engine,
             routes=routes,
@@ -155,14 +162,23 @@ def build_runtime(
     limits: dict[str, RateLimit] = {}  # one per base_url: the cap is per host, not per target
     rate = settings.monitor.max_requests_per_second
     audit_logs: dict[str, TargetLog] = {}
+    upstreams: dict[tuple[str, str | None], Route] = {}  # the environment read once per host
+    mark = recorder.mark if recorder is not None else None  # one bound method for all
     states = runtime.store.ensure_targets([t.name for t in settings.targets], now=clock())
     for target in settings.targets:
         timeout = target.effective_timeout(settings.monitor)
+        ca_bundle = str(target.ca_bundle) if target.ca_bundle else None
+        route = upstreams.get((target.base_url, ca_bundle))
+        if route is None:
+            route = upstreams[target.base_url, ca_bundle] = Route.of(
+                target.base_url, ca_bundle=ca_bundle
+            )
         client = _client(
             settings,
             target,
             shared_session,
             limits.setdefault(target.base_url, RateLimit(rate)) if rate else None,
+            route,
         )
         if target.attribution:  # the poller's client: one token cache for both
             audit_logs[target.name] = TargetLog(
@@ -184,7 +200,7 @@ def build_runtime(
             write_inline=recorder is None,
         )
         if recorder is not None:
-            poller.on_pending = functools.partial(recorder.mark, poller)
+            poller.on_pending = mark
         poller.restore(states[target.name])
         runtime.pollers[target.name] = poller
     runtime.attribution = AttributionWorker(
@@ -202,6 +218,7 @@ def _client(
     target: TargetSettings,
     session: requests.Session,
     rate_limit: RateLimit | None,
+    route: Route,
 ) -> GenAuthClient:
     return GenAuthClient(
         base_url=target.base_url,
@@ -212,7 +229,7 @@ def _client(
         max_response_bytes=target.effective_max_response_bytes(settings.monitor),
         rate_limit=rate_limit,
         session=session,
-        ca_bundle=str(target.ca_bundle) if target.ca_bundle else None,
+        route=route,
     )
 
 
@@ -228,11 +245,30 @@ def _return_big_buffers_to_the_os() -> None:
         pass  # not glibc: nothing to tune
 
 
+def _trim_the_heap() -> None:
+    """glibc's ``malloc_trim(0)``: freed heap pages go back to the OS (not glibc: nothing)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class Daemon:
     """``run``: scheduler, recorder, delivery lanes and HTTP server over one runtime."""
 
-    def __init__(self, settings: Settings, *, clock: Clock = utc_now) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock = utc_now,
+        starting: StartingServer | None = None,
+    ) -> None:
+        """``starting``: the server answering /healthz on the listen socket while this is
+        built (``run``); :meth:`start` takes the socket over from it. Keeps nothing of
+        ``settings`` but what the running daemon reads."""
         _return_big_buffers_to_the_os()
+        self._starting = starting
         # SQLite has one daemon: a second one stops here, before it migrates anything.
         self._sqlite_lock: TextIO | None = lock_sqlite(settings)
         self._clock = clock
@@ -295,7 +331,13 @@ class Daemon:
             ui_session=settings.server.ui_session,
             cluster=self._members,
         )
-        self.http = HttpServer(app, host=settings.server.host, port=settings.server.port)
+        host, port = settings.server.host, settings.server.port
+        sock = starting.socket if starting is not None else None
+        self.http = HttpServer(app, host=host, port=port, sock=sock)
+        self._shown = {"listen_host": host, "storage": settings.storage.display_url}
+        # The settings and the TOML they came from are garbage now: give what glibc can of
+        # the freed heap back to the OS, so the pollers' memory is not on top of it.
+        _trim_the_heap()
 
     # -- replicas ----------------------------------------------------------------------------
 
@@ -345,6 +387,8 @@ class Daemon:
         return all(checks.values()), checks
 
     def start(self) -> None:
+        if self._starting is not None:
+            self._starting.handover()  # from here uvicorn answers on the same socket
         self.http.start()
         self.recorder.start(self.runtime.store)
         self.runtime.delivery.start()
@@ -353,15 +397,14 @@ class Daemon:
         self.scheduler.start()
         if self.cluster is not None:
             self.cluster.start()
-        settings = self.runtime.settings
         log.info(
             "genauth-monitor started",
             extra={
                 "version": __version__,
                 "replica": self.replica_name,
-                "targets": len(settings.targets),
-                "listen": f"{settings.server.host}:{self.http.port}",
-                "storage": settings.storage.display_url,
+                "targets": len(self.runtime.targets),
+                "listen": f"{self._shown['listen_host']}:{self.http.port}",
+                "storage": self._shown["storage"],
             },
         )
 

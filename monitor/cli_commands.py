@@ -118,8 +118,8 @@ def _short(digest: str | None) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from monitor.app import Daemon
     from monitor.keyfile import fingerprint_key
+    from monitor.listen import StartingServer
     from monitor.startup import check_listen, check_sqlite_free, open_storage
 
     # Everything that can be found wrong before the daemon does anything is exit code 2 with a
@@ -129,7 +129,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     check_listen(settings)
     open_storage(settings, migrate=False).dispose()
     fingerprint_key(settings)
-    daemon = Daemon(settings)
+    # /healthz (process alive) answers from here; /readyz says 503 until the scheduler runs.
+    starting = StartingServer.open(settings.server.host, settings.server.port)
+    try:
+        from monitor.app import Daemon  # the web stack and the storage: seconds at 10k targets
+
+        daemon = Daemon(settings, starting=starting)
+    except BaseException:
+        starting.close()
+        raise
+    del settings  # the daemon keeps what it needs; the validated configuration can go
     _run_until_signal(daemon.run_until)
     return EXIT_OK
 
@@ -222,7 +231,7 @@ def _await_attribution(runtime: Any, results: list[Any], *, since: datetime) -> 
         )
     ]
     if ids:
-        worker.settle(ids, timeout=runtime.settings.monitor.attribution_wait + 1.0)
+        worker.settle(ids, timeout=runtime.monitor.attribution_wait + 1.0)
 
 
 def _check_events(queries: Queries, result: Any, *, since: datetime) -> list[dict[str, Any]]:

@@ -24,20 +24,24 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import socket
 import threading
 import time
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import requests
-from requests.adapters import HTTPAdapter
+from requests.adapters import DEFAULT_CA_BUNDLE_PATH, HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from monitor.errors import MonitorError
+
+if TYPE_CHECKING:  # the stubs' names for requests' pool-key dicts
+    from requests.adapters import _HostParams, _PoolKwargs
 
 __all__ = [
     "ACCEPT_ENCODING",
@@ -192,12 +196,76 @@ class _WatchedHTTPSPool(HTTPSConnectionPool):
 
 
 class _WatchedAdapter(HTTPAdapter):
+    """requests' adapter with the watched pools, and its CA-location checks made once.
+
+    requests asks the file system on every request whether the CA bundle is a directory
+    (``os.path.isdir``, twice on HTTPS, and ``os.path.exists`` too), although the answer
+    chooses only which urllib3 attribute gets the path (``ca_cert_dir`` or ``ca_certs``).
+    Here each location is looked at once per adapter and the answer kept; everything else is
+    requests' own: certificates stay required, a location that does not exist is refused on
+    every request until it does (never remembered), and a verification that fails still fails.
+    A bundle removed after its first use fails the next new connection (urllib3 cannot load
+    it) instead of the next request.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Before super(): it builds the pool manager, which reads nothing of this.
+        self._ca_kinds: dict[str, str] = {}  # location -> "ca_cert_dir" or "ca_certs"
+        super().__init__(*args, **kwargs)
+
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = {
             "http": _WatchedHTTPPool,
             "https": _WatchedHTTPSPool,
         }
+
+    def _ca_kind(self, location: str) -> str:
+        """Which urllib3 attribute takes ``location``; OSError (requests' own message) when
+        nothing is there."""
+        kind = self._ca_kinds.get(location)
+        if kind is None:
+            if not os.path.exists(location):
+                raise OSError(
+                    f"Could not find a suitable TLS CA certificate bundle, invalid path: {location}"
+                )
+            kind = "ca_cert_dir" if os.path.isdir(location) else "ca_certs"
+            self._ca_kinds[location] = kind
+        return kind
+
+    def build_connection_pool_key_attributes(
+        self,
+        request: requests.PreparedRequest,
+        verify: bool | str,
+        cert: str | tuple[str, str] | None = None,
+    ) -> tuple[_HostParams, _PoolKwargs]:
+        if not isinstance(verify, str):
+            return super().build_connection_pool_key_attributes(request, verify, cert)
+        # requests' answer for verify=True (certificates required) plus the location under
+        # the key requests would choose: the same pool key, without the isdir.
+        host, pool = super().build_connection_pool_key_attributes(request, True, cert)
+        if self._pool_key_of(verify) == "ca_cert_dir":
+            pool["ca_cert_dir"] = verify
+        else:
+            pool["ca_certs"] = verify
+        return host, pool
+
+    def _pool_key_of(self, location: str) -> str:
+        # A missing location is keyed as a file, as requests does (isdir is false); on HTTPS
+        # cert_verify refuses the request right after, and HTTP needs no CA.
+        try:
+            return self._ca_kind(location)
+        except OSError:
+            return "ca_certs"
+
+    def cert_verify(self, conn: Any, url: str, verify: bool | str, cert: Any) -> None:
+        if cert is not None or not verify or not url.lower().startswith("https"):
+            super().cert_verify(conn, url, verify, cert)  # type: ignore[no-untyped-call]
+            return
+        location = DEFAULT_CA_BUNDLE_PATH if verify is True else verify
+        kind = self._ca_kind(location)
+        conn.cert_reqs = "CERT_REQUIRED"
+        setattr(conn, kind, location)
 
 
 def bounded_session(pool_size: int = 10) -> requests.Session:

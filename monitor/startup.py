@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from monitor.config import Settings
 from monitor.errors import ConfigError
-from monitor.http_server import bind
+from monitor.listen import bind
 from monitor.storage import create_store_engine, upgrade
 from monitor.storage.engine import describe_error
 

@@ -229,6 +229,15 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float = 20, what: str = "
     raise AssertionError(f"timed out waiting for {what or predicate}")
 
 
+def scrape(base: str, *, timeout: float = 5.0) -> str:
+    """``GET /metrics`` of a daemon at ``base``. While the daemon is being built its starting
+    server answers 503 (monitor/listen.py): that raises a RequestException, so ``wait_for``
+    asks again, as it does while nothing listens yet."""
+    answer = requests.get(f"{base}/metrics", timeout=timeout)
+    answer.raise_for_status()
+    return answer.text
+
+
 def metric_value(text: str, name: str, **labels: str) -> float | None:
     """The value of one sample in Prometheus text format."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -299,7 +308,7 @@ def serve_app(runtime: Any, clock: Any, token: str | None) -> tuple[Any, Any]:
         ready=lambda: (True, {}),
         api_token=token,
         clock=clock,
-        targets=[target.name for target in runtime.settings.targets],
+        targets=runtime.targets,
     )
     server = HttpServer(app, host="127.0.0.1", port=0)
     server.start()

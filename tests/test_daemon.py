@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from monitor.simulator import SimulatedGenAuth
-from tests.helpers import CLI, free_port, metric_value, run_main, wait_for, write_config
+from tests.helpers import CLI, free_port, metric_value, run_main, scrape, wait_for, write_config
 
 # The real daemon followed through changes and failures; test_cli.py keeps a quick smoke test
 # of run and SIGTERM in the default tier.
@@ -50,7 +50,7 @@ def test_daemon_follows_upstream_and_stops_on_sigterm(tmp_path: Path) -> None:
         try:
 
             def enabled_is(value: float) -> bool:
-                text = requests.get(f"{base}/metrics", timeout=2).text
+                text = scrape(base, timeout=2)
                 return metric_value(text, "genauth_email_provider_enabled", target="prod") == value
 
             wait_for(lambda: enabled_is(1), what="first poll in /metrics")
@@ -60,7 +60,7 @@ def test_daemon_follows_upstream_and_stops_on_sigterm(tmp_path: Path) -> None:
             data["enabled"] = False
             sim.set_data(data)
             wait_for(lambda: enabled_is(0), what="disabled provider in /metrics")
-            metrics = requests.get(f"{base}/metrics", timeout=2).text
+            metrics = scrape(base, timeout=2)
             assert metric_value(metrics, "genauth_email_provider_drift", target="prod") == 1
             assert metric_value(metrics, "genauth_monitor_up", target="prod") == 1
             assert (
@@ -83,7 +83,7 @@ def test_daemon_follows_upstream_and_stops_on_sigterm(tmp_path: Path) -> None:
             wait_for(
                 lambda: (
                     metric_value(
-                        requests.get(f"{base}/metrics", timeout=2).text,
+                        scrape(base, timeout=2),
                         "genauth_monitor_up",
                         target="prod",
                     )

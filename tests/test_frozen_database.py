@@ -17,7 +17,7 @@ from sqlalchemy import create_engine, text
 
 from monitor.simulator import SimulatedGenAuth
 from monitor.timeutil import parse_time_strict
-from tests.helpers import CLI, free_port, metric_value, wait_for, write_config
+from tests.helpers import CLI, free_port, metric_value, scrape, wait_for, write_config
 from tests.own_postgres import own_postgres
 from tests.receiver import Receiver
 
@@ -48,9 +48,7 @@ def test_polling_outlives_a_frozen_database(tmp_path: Path) -> None:
         base = f"http://127.0.0.1:{port}"
 
         def value(name: str) -> float | None:
-            return metric_value(
-                requests.get(f"{base}/metrics", timeout=2).text, name, target="prod"
-            )
+            return metric_value(scrape(base, timeout=2), name, target="prod")
 
         try:
             wait_for(lambda: [b["kind"] for b in receiver.bodies()] == ["first_seen"], timeout=30)

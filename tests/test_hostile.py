@@ -12,10 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 
 from monitor.simulator import SimulatedGenAuth
-from tests.helpers import CLI, free_port, metric_value, wait_for
+from tests.helpers import CLI, free_port, metric_value, scrape, wait_for
 from tests.receiver import Receiver
 
 SECRET = "Hostile-Access-Secret-314"
@@ -71,7 +70,7 @@ class _Daemon:
         self.log = log
 
     def metrics(self) -> str:
-        return requests.get(f"{self.base}/metrics", timeout=5).text
+        return scrape(self.base, timeout=5)
 
     def value(self, name: str, **labels: str) -> float | None:
         return metric_value(self.metrics(), name, **labels)

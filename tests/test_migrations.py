@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,6 +42,34 @@ def test_upgrade_is_idempotent_and_matches_the_models(db_url: str) -> None:
     assert diffs == []
     assert {version} == shipped_heads()
     engine.dispose()
+
+
+def test_upgrade_of_a_current_database_does_not_load_alembic(db_url: str) -> None:
+    # Every daemon start migrates: at the current schema that must cost neither Alembic's
+    # import (about 10 MiB of the daemon's memory) nor a write.
+    engine = create_store_engine(db_url)
+    upgrade(engine)
+    engine.dispose()
+    script = (
+        "import sys\n"
+        "from monitor.storage import create_store_engine, upgrade\n"
+        f"engine = create_store_engine({db_url!r})\n"
+        "upgrade(engine)\n"
+        "engine.dispose()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('alembic', 'mako')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"
+    downgrade = create_store_engine(db_url)
+    with downgrade.begin() as connection:  # an older schema still goes through Alembic
+        command.downgrade(alembic_config(connection), "-1")
+    upgrade(downgrade)
+    with downgrade.connect() as connection:
+        version = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    assert {version} == shipped_heads()
+    downgrade.dispose()
 
 
 def test_chain_backfill_of_rows_written_before_it(db_url: str) -> None:

@@ -428,3 +428,15 @@ def test_a_new_baseline_keeps_the_audit_chain_intact(rig: Rig) -> None:
     report = verify_chain(rig.engine)
     assert report.intact, report.describe()
     stricter.engine.dispose()
+
+
+def test_the_key_of_an_answer_tells_types_and_values_apart() -> None:
+    # It stands in for the previous raw answer: equal keys must mean the same JSON exactly.
+    from monitor.service import _answer_key
+
+    base = {"enabled": True, "smtpConfig": {"port": 465, "host": "smtp.example"}}
+    assert _answer_key(base) == _answer_key(json.loads(json.dumps(base)))
+    for value in (1, 1.0, "true", None, [True], {"x": True}):
+        assert _answer_key({**base, "enabled": value}) != _answer_key(base)
+    assert _answer_key({"a": 1, "b": 2}) != _answer_key({"a": 2, "b": 1})
+    assert _answer_key({"a": "\ud800"}) != _answer_key({"a": "\ud801"})  # lone surrogates

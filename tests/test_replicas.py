@@ -28,6 +28,7 @@ from tests.helpers import (
     run_cli,
     run_main,
     runtime_settings,
+    scrape,
     start_daemon,
     wait_for,
     write_config,
@@ -53,7 +54,7 @@ class Replica:
         return f"http://127.0.0.1:{self.port}"
 
     def metrics(self) -> str:
-        return requests.get(f"{self.base}/metrics", timeout=3).text
+        return scrape(self.base, timeout=3)
 
     def cluster(self) -> dict[str, list[str]]:
         answer = requests.get(

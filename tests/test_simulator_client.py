@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from monitor.errors import UpstreamError
-from monitor.genauth import GenAuthClient, _retry_after
+from monitor.genauth import GenAuthClient, Route, _retry_after
 from monitor.simulator import (
     API_CODE_INTERNAL_ERROR,
     API_CODE_INVALID_CREDENTIALS,
@@ -561,3 +561,30 @@ def test_an_upstream_quoting_the_secret_back_never_gets_it_into_the_error(
     assert err.reason == reason
     assert "accessKeySecret *** is not valid here" in err.message, "the rest is kept"
     assert err.request_id == "req-***"
+
+
+@pytest.mark.parametrize("pool", ["pool\r\nX-Evil: 1", "pool\r\n folded", " pool"])
+def test_a_pool_id_that_would_break_the_headers_is_never_sent(
+    make_client: ClientFactory, sim: SimulatedGenAuth, pool: str
+) -> None:
+    # The token's request is built by hand (lean, kept per target): requests' header check
+    # still applies to it, stricter than http.client's (which lets a folded line through).
+    client = make_client(userpool_id=pool)
+    with pytest.raises(requests.exceptions.InvalidHeader):
+        client.fetch_email_provider()
+    assert sim.provider_requests == 0
+
+
+def test_clients_of_one_base_url_share_one_route(
+    make_client: ClientFactory, sim: SimulatedGenAuth, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    route = Route.of(sim.base_url)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # read once, before: not used
+    assert Route.of(sim.base_url).proxies == {"http": "http://127.0.0.1:9"}  # read anew: used
+    first, second = make_client(route=route), make_client(route=route)
+    assert first.fetch_email_provider()["enabled"] is True
+    assert second.fetch_email_provider()["enabled"] is True
+    with pytest.raises(ValueError, match="another base_url"):
+        make_client(route=Route.of("http://127.0.0.1:1"))
