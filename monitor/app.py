@@ -238,18 +238,19 @@ def _return_big_buffers_to_the_os() -> None:
     given back to the OS when freed. Left to itself, glibc raises that threshold after the
     first big free, and each poll thread's arena then keeps its bodies' high-water mark: a
     hostile upstream would inflate the daemon's RSS by the cap times the workers."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to tune
+    _glibc("mallopt", _M_MMAP_THRESHOLD, 256 * 1024)
 
 
 def _trim_the_heap() -> None:
-    """glibc's ``malloc_trim(0)``: freed heap pages go back to the OS (not glibc: nothing)."""
+    """glibc's ``malloc_trim(0)``: freed heap pages go back to the OS."""
+    _glibc("malloc_trim", 0)
+
+
+def _glibc(function: str, *args: int) -> None:
+    """Call a glibc malloc tuning function; on another C library there is nothing to tune."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
+        getattr(libc, function)(*args)
     except (OSError, AttributeError):
         pass
 
@@ -334,7 +335,8 @@ class Daemon:
         host, port = settings.server.host, settings.server.port
         sock = starting.socket if starting is not None else None
         self.http = HttpServer(app, host=host, port=port, sock=sock)
-        self._shown = {"listen_host": host, "storage": settings.storage.display_url}
+        self._listen_host = host
+        self._storage_shown = settings.storage.display_url
         # The settings and the TOML they came from are garbage now: give what glibc can of
         # the freed heap back to the OS, so the pollers' memory is not on top of it.
         _trim_the_heap()
@@ -403,8 +405,8 @@ class Daemon:
                 "version": __version__,
                 "replica": self.replica_name,
                 "targets": len(self.runtime.targets),
-                "listen": f"{self._shown['listen_host']}:{self.http.port}",
-                "storage": self._shown["storage"],
+                "listen": f"{self._listen_host}:{self.http.port}",
+                "storage": self._storage_shown,
             },
         )
 

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -256,9 +256,11 @@ def runtime_settings(
     *,
     sinks: list[dict[str, Any]] | None = None,
     monitor: dict[str, Any] | None = None,
+    names: Sequence[str] = ("prod",),
     **target: Any,
 ) -> Any:
-    """Settings for one in-process target 'prod' on the simulator (fingerprint key 'k')."""
+    """Settings for in-process targets on the simulator (one, 'prod', unless ``names``),
+    fingerprint key 'k'; ``target``: more keys of every target's table."""
     from monitor.config import parse_settings
 
     return parse_settings(
@@ -267,12 +269,13 @@ def runtime_settings(
             "storage": {"url": db_url},
             "targets": [
                 {
-                    "name": "prod",
+                    "name": name,
                     "base_url": sim.base_url,
                     "access_key_id": sim.access_key_id,
                     "access_key_secret_env": "SECRET",
                     **target,
                 }
+                for name in names
             ],
             "sinks": sinks or [],
         },

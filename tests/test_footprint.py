@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from monitor.app import build_runtime
-from monitor.config import parse_settings
 from monitor.simulator import SimulatedGenAuth
+from tests.helpers import runtime_settings
 
 pytestmark = pytest.mark.slow  # a thousand polls under tracemalloc: about 20 s
 
@@ -24,22 +24,12 @@ MAX_BYTES_PER_TARGET = 9_500
 
 
 def _settings(sim: SimulatedGenAuth, directory: Path, name: str, targets: int) -> Any:
-    return parse_settings(
-        {
-            "monitor": {"interval": "60s", "fingerprint_key_env": "FP"},
-            "storage": {"url": f"sqlite:///{directory / name}.db"},
-            "targets": [
-                {
-                    "name": f"pool-{index:05d}",
-                    "base_url": sim.base_url,
-                    "access_key_id": sim.access_key_id,
-                    "access_key_secret_env": "SECRET",
-                }
-                for index in range(targets)
-            ],
-        },
-        base_dir=directory,
-        environ={"FP": "k", "SECRET": sim.access_key_secret},
+    return runtime_settings(
+        f"sqlite:///{directory / name}.db",
+        sim,
+        directory,
+        monitor={"interval": "60s"},
+        names=[f"pool-{index:05d}" for index in range(targets)],
     )
 
 

@@ -7,28 +7,18 @@ import time
 from pathlib import Path
 
 from monitor.app import build_runtime
-from monitor.config import parse_settings
 from monitor.ratelimit import RateLimit
 from monitor.simulator import SimulatedGenAuth
+from tests.helpers import runtime_settings
 
 
 def _settings(sim: SimulatedGenAuth, base: Path, rate: float, targets: int) -> object:
-    return parse_settings(
-        {
-            "monitor": {"fingerprint_key_env": "FP", "max_requests_per_second": rate},
-            "storage": {"url": f"sqlite:///{base / 'm.db'}"},
-            "targets": [
-                {
-                    "name": f"t{i}",
-                    "base_url": sim.base_url,
-                    "access_key_id": sim.access_key_id,
-                    "access_key_secret_env": "SECRET",
-                }
-                for i in range(targets)
-            ],
-        },
-        base_dir=base,
-        environ={"FP": "k", "SECRET": sim.access_key_secret},
+    return runtime_settings(
+        f"sqlite:///{base / 'm.db'}",
+        sim,
+        base,
+        monitor={"max_requests_per_second": rate},
+        names=[f"t{i}" for i in range(targets)],
     )
 
 

@@ -17,35 +17,18 @@ import pytest
 from sqlalchemy import Engine, event, select
 
 from monitor.app import Runtime, build_runtime
-from monitor.config import parse_settings
 from monitor.recorder import Recorder
 from monitor.simulator import SimulatedGenAuth
 from monitor.storage.schema import events, poll_state, snapshots, targets
 from tests.conftest import FakeClock
-from tests.helpers import wait_for
+from tests.helpers import runtime_settings, wait_for
 
 NAMES = ("a", "b", "c", "d", "e")
 pytestmark = pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
 
 
 def _settings(db_url: str, sim: SimulatedGenAuth, base_dir: Path) -> Any:
-    return parse_settings(
-        {
-            "monitor": {"fingerprint_key_env": "FP"},
-            "storage": {"url": db_url},
-            "targets": [
-                {
-                    "name": name,
-                    "base_url": sim.base_url,
-                    "access_key_id": sim.access_key_id,
-                    "access_key_secret_env": "SECRET",
-                }
-                for name in NAMES
-            ],
-        },
-        base_dir=base_dir,
-        environ={"FP": "k", "SECRET": sim.access_key_secret},
-    )
+    return runtime_settings(db_url, sim, base_dir, names=NAMES)
 
 
 @contextmanager
