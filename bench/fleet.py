@@ -25,8 +25,10 @@ For each configuration ``N@I`` (N targets polled every I):
    then to the daemons polling on schedule (two 2 s windows in a row at most 1.2x the planned
    rate: the polls that fell behind in the first round have run), where the rounds begin.
 4. **Rounds**, ``--rounds`` times, alternating which goes first: the daemons run for a window
-   (their CPU from ``/proc/PID/stat``, all threads, divided by the polls that arrived at the
-   simulator meanwhile; the polls done against ``N * window / I``); then the daemons are
+   of whole intervals (``--window``, default 10 s, rounded up: 10 s at 1 s and 5 s, 60 s at
+   60 s, so each target is due about once per interval in it): their CPU from
+   ``/proc/PID/stat``, all threads, divided by the polls that arrived at the simulator
+   meanwhile; the polls done against ``N * window / I``); then the daemons are
    SIGSTOPped and this process runs the floor, a bare ``requests.Session`` ``GET`` + ``json()``
    + ``sha256`` of the body loop with the same headers against the same simulator (its CPU from
    ``time.process_time``); SIGCONT, and a settling pause before the daemons are measured again
@@ -453,6 +455,13 @@ class Result:
         ]
 
 
+def whole_intervals(window: float, interval: float) -> float:
+    """``window`` rounded up to whole intervals: the first polls are spread over min(I, 30 s),
+    so a window shorter than the interval sees every target 0 or 1 times, depending on where it
+    falls in each target's period."""
+    return math.ceil(window / interval - 1e-9) * interval
+
+
 def failover_bound(cfg: Config) -> float:
     return max(2 * cfg.interval, 30.0)
 
@@ -831,7 +840,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, help="alternating rounds (default 5; quick 1)")
     parser.add_argument(
-        "--window", type=float, help="seconds of a daemon round (default 10, or min(I, 20 s))"
+        "--window",
+        type=float,
+        help="seconds of a daemon round at least (default 10), rounded up to whole intervals",
     )
     parser.add_argument("--floor", type=float, default=3.0, help="seconds of a floor round")
     parser.add_argument("--settle", type=float, default=5.0, help="seconds after SIGCONT")
@@ -864,13 +875,13 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, requests {requests.__version__}, "
         f"{storage}, {args.replicas} replica(s); {rounds} rounds (median), daemon window "
-        f"max({window:g} s, min(interval, 20 s)), floor {floor:g} s, settle {settle:g} s, "
+        f"{window:g} s up to whole intervals, floor {floor:g} s, settle {settle:g} s, "
         f"{scrapes} scrapes",
         flush=True,
     )
     results = []
     for cfg in configs:
-        plan = Plan(rounds, max(window, min(cfg.interval, 20.0)), floor, settle, scrapes)
+        plan = Plan(rounds, whole_intervals(window, cfg.interval), floor, settle, scrapes)
         results.append(
             run_config(
                 cfg,
