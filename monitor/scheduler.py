@@ -149,20 +149,27 @@ class _Job:
         trigger: SlotTrigger,
         cap: float,
         reschedule: Callable[[str, datetime], None],
+        running: dict[str, TargetPoller],
         now: Callable[[], datetime] = utc_now,
     ) -> None:
         self._target = target
         self._trigger = trigger
         self._cap = cap
         self._reschedule = reschedule
+        self._running = running
         self._now = now
 
     def __call__(self) -> None:
+        poller = self._target.poller
+        # For the watchdog, which then looks at the polls in flight only, not at every target.
+        self._running[poller.name] = poller
         try:
-            result = self._target.poller.poll()
+            result = poller.poll()
         except Exception:  # poll() turns its own bugs into failed polls; this is the last net
-            log.exception("poll crashed", extra={"target": self._target.poller.name})
+            log.exception("poll crashed", extra={"target": poller.name})
             return
+        finally:
+            self._running.pop(poller.name, None)
         self._plan_next(result)
 
     def _plan_next(self, result: PollResult) -> None:
@@ -215,6 +222,8 @@ class PollScheduler:
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         self.triggers: dict[str, SlotTrigger] = {}
+        # The pollers whose poll is running now, by name (set and cleared by their jobs).
+        self._running: dict[str, TargetPoller] = {}
 
     @property
     def running(self) -> bool:
@@ -233,7 +242,7 @@ class PollScheduler:
             )
             self.triggers[name] = trigger
             self._scheduler.add_job(
-                _Job(target, trigger, self._backoff_max, self._reschedule, self._now),
+                _Job(target, trigger, self._backoff_max, self._reschedule, self._running, self._now),
                 trigger,
                 id=name,
                 name=f"poll {name}",
@@ -260,7 +269,7 @@ class PollScheduler:
             first = max(now, not_before) + timedelta(seconds=spread)
         self.triggers[name] = trigger
         self._scheduler.add_job(
-            _Job(target, trigger, self._backoff_max, self._reschedule, self._now),
+            _Job(target, trigger, self._backoff_max, self._reschedule, self._running, self._now),
             trigger,
             id=name,
             name=f"poll {name}",
@@ -301,11 +310,11 @@ class PollScheduler:
         wall, mono = self._now(), self._monotonic()
         while not self._stop.wait(WATCH_EVERY):
             now = self._monotonic()
-            for target in self._targets:
-                if target.poller.expire_if_overdue(now):
+            for poller in list(self._running.values()):
+                if poller.expire_if_overdue(now):
                     log.warning(
                         "poll overran its deadline; counted as failed",
-                        extra={"target": target.poller.name, "deadline_s": target.poller.deadline},
+                        extra={"target": poller.name, "deadline_s": poller.deadline},
                     )
             wall_now = self._now()
             jump = (wall_now - wall).total_seconds() - (now - mono)

@@ -52,6 +52,7 @@ def _fire_times(poller: _Poller, *, interval: float, runs: int) -> list[float]:
         trigger,
         1000,
         lambda _name, when: moved.append(when),
+        {},
         lambda: clock[0],
     )
     fired = []
@@ -129,6 +130,49 @@ def test_first_polls_spread_over_the_interval_at_most_30_seconds() -> None:
         scheduler.shutdown()
     assert firsts[0] == 0 and 29 < firsts[-1] < 30
     assert max(b - a for a, b in itertools.pairwise(firsts)) < 0.5, "no burst, no gap"
+
+
+class _Stuck:
+    """A poller whose poll hangs until released; it counts the watchdog's looks at it."""
+
+    deadline = 0.2
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.release = threading.Event()
+        self.started: float | None = None
+        self.looks = 0
+        self.expired = threading.Event()
+
+    def poll(self) -> PollResult:
+        self.started = time.monotonic()
+        self.release.wait(10)
+        return PollResult(self.name, True)
+
+    def expire_if_overdue(self, now: float) -> bool:
+        self.looks += 1
+        if self.started is None or now - self.started < self.deadline or self.expired.is_set():
+            return False
+        self.expired.set()
+        return True
+
+
+def test_the_watchdog_fails_a_stuck_poll_and_looks_only_at_polls_in_flight() -> None:
+    stuck = _Stuck("stuck")
+    idle = _Stuck("idle")  # due in an hour: never in flight, so never looked at
+    now = datetime.now(UTC)
+    scheduler = PollScheduler(
+        [ScheduledTarget(stuck, 3600, 0), ScheduledTarget(idle, 3600, 0)],  # type: ignore[arg-type]
+        backoff_max=900,
+        now=lambda: now,
+    )
+    scheduler.start()
+    try:
+        assert stuck.expired.wait(5), "the stuck poll was counted as failed"
+    finally:
+        stuck.release.set()
+        scheduler.shutdown()
+    assert idle.started is None and idle.looks == 0, "a target not polling costs the watchdog nothing"
 
 
 def test_a_wall_clock_jump_moves_every_schedule_along() -> None:
