@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
 import logging
 import threading
 import uuid
@@ -339,7 +340,12 @@ class Daemon:
         self._storage_shown = settings.storage.display_url
         # The settings and the TOML they came from are garbage now: give what glibc can of
         # the freed heap back to the OS, so the pollers' memory is not on top of it.
+        gc.collect()
         _trim_the_heap()
+        # What is left lives as long as the daemon (a poller, a client, a job and a metrics
+        # record per target): out of the collector's sight, so a full collection no longer
+        # walks every target's objects while it holds the GIL, pausing scrapes and polls.
+        gc.freeze()
 
     # -- replicas ----------------------------------------------------------------------------
 

@@ -172,7 +172,9 @@ def test_the_watchdog_fails_a_stuck_poll_and_looks_only_at_polls_in_flight() -> 
     finally:
         stuck.release.set()
         scheduler.shutdown()
-    assert idle.started is None and idle.looks == 0, "a target not polling costs the watchdog nothing"
+    assert idle.started is None and idle.looks == 0, (
+        "a target not polling costs the watchdog nothing"
+    )
 
 
 def test_a_wall_clock_jump_moves_every_schedule_along() -> None:
