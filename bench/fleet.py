@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import hashlib
 import json
 import math
@@ -89,6 +90,7 @@ KEY_SECRET = "bench-fleet-secret"  # of the local simulator only
 SAMPLE_EVERY = 0.02  # seconds between the simulator's samples of its counters
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 DEFAULT_CONFIGS = "100@1s,1000@5s,10000@60s"
+PR_SET_PDEATHSIG = 1  # prctl option, from linux/prctl.h
 HEALTHZ_WAIT = 300.0  # seconds a daemon may take to answer /healthz before the run gives up
 
 # The goals of issue 10.
@@ -155,6 +157,7 @@ class Simulator:
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--simulator"],
             cwd=ROOT,
+            preexec_fn=die_with_parent,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -210,6 +213,14 @@ def proc_status_mib(pid: int, key: str) -> float:
 
 
 # --------------------------------------------------------------------------- the daemons
+
+
+def die_with_parent() -> None:
+    """In a child before exec: SIGKILL when this process ends, however it ends, so a run that
+    is interrupted (or killed) leaves no daemon polling and no simulator behind to load the
+    machine of the next run (Linux ``prctl(PR_SET_PDEATHSIG)``; elsewhere nothing)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def free_port() -> int:
@@ -583,7 +594,12 @@ def start_daemons(
         command = [sys.executable, "-m", "monitor", "--log-format", "json", "run", "-c", str(path)]
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+                command,
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
             )
         daemons.append(Daemon(proc, port, log, time.time()))
     return daemons
