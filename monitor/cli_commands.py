@@ -132,13 +132,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # /healthz (process alive) answers from here; /readyz says 503 until the scheduler runs.
     starting = StartingServer.open(settings.server.host, settings.server.port)
     try:
-        from monitor.app import Daemon  # the web stack and the storage: seconds at 10k targets
+        from monitor.app import Daemon, settle_the_heap  # the web stack and the storage
 
         daemon = Daemon(settings, starting=starting)
     except BaseException:
         starting.close()
         raise
     del settings  # the daemon keeps what it needs; the validated configuration can go
+    settle_the_heap()
     _run_until_signal(daemon.run_until)
     return EXIT_OK
 

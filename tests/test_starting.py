@@ -3,14 +3,16 @@ says not ready; then the daemon takes the same socket over."""
 
 from __future__ import annotations
 
+import gc
 import socket
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
 import requests
 
-from monitor.app import Daemon
+from monitor.app import Daemon, settle_the_heap
 from monitor.errors import ConfigError
 from monitor.listen import StartingServer
 from monitor.simulator import SimulatedGenAuth
@@ -128,3 +130,23 @@ def test_run_answers_healthz_while_its_targets_are_built(tmp_path: Path) -> None
     finally:
         process.terminate()
         assert process.wait(timeout=30) == 0
+
+
+class _Node:
+    link: _Node | None = None
+
+
+def test_settling_the_heap_collects_start_up_garbage_and_freezes_the_rest() -> None:
+    garbage = _Node()
+    garbage.link = garbage  # a cycle: only the collector frees it
+    gone = weakref.ref(garbage)
+    del garbage
+    kept = _Node()
+    frozen = gc.get_freeze_count()
+    try:
+        settle_the_heap()
+        assert gone() is None, "start-up garbage is collected before the freeze"
+        assert gc.get_freeze_count() > frozen, "what is left is out of the collector's sight"
+        assert kept.link is None
+    finally:
+        gc.unfreeze()  # the rest of the suite collects as usual
