@@ -259,6 +259,37 @@ def test_other_replicas_targets_are_mirrored_from_the_database(engine: Engine) -
     assert (t3.enabled, t3.provider_type, t3.drift, t3.up) == (False, "custom", True, True)
 
 
+def test_mirrored_states_are_read_every_half_interval_not_at_every_heartbeat(
+    engine: Engine,
+) -> None:
+    a, _ = replica(engine, "a")
+    a.step()  # a holds everything
+    reads: list[int] = []
+    clock = [datetime(2026, 12, 1, tzinfo=UTC)]
+    b = Cluster(
+        claims=ClaimStore(engine, me="b", instance="b", lease=10.0),
+        targets=TARGETS,  # every 60 s: mirrored every 30 s, heartbeats every 2 s
+        holder=Holder(),
+        key_check=KEY,
+        on_mirror=lambda states: reads.append(len(states)),
+        on_beat=lambda _live, _owned, _skew: None,
+        clock=lambda: clock[0],
+    )
+    b.join()
+    b.step()
+    assert len(reads) == 1 and reads[0] > 0, "the first heartbeat mirrors at once"
+    for _ in range(14):  # 28 s of heartbeats
+        clock[0] += timedelta(seconds=b.tick)
+        b.step()
+    assert len(reads) == 1
+    clock[0] += timedelta(seconds=b.tick)  # 30 s after the first read
+    b.step()
+    assert len(reads) == 2
+    clock[0] -= timedelta(hours=1)  # the wall clock set back: mirror now, not in an hour
+    b.step()
+    assert len(reads) == 3
+
+
 def test_shared_grid_is_the_same_on_every_replica_and_follows_the_skew() -> None:
     first, seed = shared_grid("prod", 60.0, timedelta(0))
     again, seed_again = shared_grid("prod", 60.0, timedelta(0))
