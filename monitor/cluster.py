@@ -243,12 +243,13 @@ class Cluster:
             self._on_mirror(self.claims.states([n for n in self._names if n not in held]))
 
     def _mirror_due(self) -> bool:
+        """True the first time, when due, or when the clock went back (and it is noted)."""
         now = self._clock()
-        last, self._mirrored_at = self._mirrored_at, now
+        last = self._mirrored_at
         if last is not None and 0 <= (now - last).total_seconds() < self.mirror_every:
-            self._mirrored_at = last
             return False
-        return True  # the first time, when due, or when the clock went back
+        self._mirrored_at = now
+        return True
 
     def _follow(self, beat: Beat) -> dict[str, int]:
         """Drop what another replica took; give back what we hold but do not schedule (a
