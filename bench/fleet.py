@@ -30,7 +30,7 @@ For each configuration ``N@I`` (N targets polled every I):
    of whole intervals (``--window``, default 10 s, rounded up: 10 s at 1 s and 5 s, 60 s at
    60 s, so each target is due about once per interval in it): their CPU from
    ``/proc/PID/stat``, all threads, divided by the polls that arrived at the simulator
-   meanwhile; the polls done against ``N * window / I``); then the daemons are
+   meanwhile, and the polls done against ``N * window / I``; then the daemons are
    SIGSTOPped and this process runs the floor, a bare ``requests.Session`` ``GET`` + ``json()``
    + ``sha256`` of the body loop with the same headers against the same simulator (its CPU from
    ``time.process_time``); SIGCONT, and a settling pause before the daemons are measured again
