@@ -52,7 +52,7 @@ from monitor.core.canonical import UnusableDocument
 from monitor.errors import ClaimLost, StorageError, UpstreamError
 from monitor.metrics import Metrics
 from monitor.storage import FailureRecord, Store, TargetState
-from monitor.storage.store import NewSnapshot, Sighting, StaleStateError
+from monitor.storage.store import NewSnapshot, Sighting, StaleStateError, document_text
 from monitor.timeutil import Clock
 
 __all__ = ["Fetcher", "PollResult", "TargetPoller"]
@@ -68,12 +68,27 @@ class Fetcher(Protocol):
     def fetch_email_provider(self) -> dict[str, Any]: ...
 
 
+@dataclass(frozen=True, slots=True)
+class _Judged:
+    """A redacted answer as a poller keeps it between polls, the document as its stored text
+    (:func:`document_text`)."""
+
+    key: bytes  # the raw answer's key (_answer_key)
+    text: str
+    hash: str
+    drift: bool
+    enabled: bool
+    provider_type: str | None
+
+    @property
+    def document(self) -> Any:
+        return json.loads(self.text)
+
+
 @dataclass(slots=True)
 class _Seen:
     at: datetime  # the first sighting: a change is dated when it was first seen
-    hash: str
-    document: Any
-    drift: bool
+    judged: _Judged
     times: int = 1
     last_at: datetime | None = None  # the latest sighting, when sightings were collapsed
     writing: bool = False  # being written: later sightings must not collapse into it
@@ -82,6 +97,18 @@ class _Seen:
     @property
     def seen_last(self) -> datetime:
         return self.last_at or self.at
+
+    @property
+    def hash(self) -> str:
+        return self.judged.hash
+
+    @property
+    def drift(self) -> bool:
+        return self.judged.drift
+
+    @property
+    def document(self) -> Any:
+        return self.judged.document
 
 
 @dataclass(slots=True)
@@ -98,12 +125,16 @@ class PollResult:
     target: str
     ok: bool
     hash: str | None = None
-    document: Any = None
+    text: str | None = None  # the redacted document as JSON (see _Judged)
     drift: bool = False
     error: UpstreamError | None = None
     events: list[EventDraft] = field(default_factory=list)
     stored: bool = True
     failures_in_a_row: int = 0
+
+    @property
+    def document(self) -> Any:
+        return None if self.text is None else json.loads(self.text)
 
 
 # The queue of a target with nothing to write: shared, so an idle target holds no deque of its
@@ -182,8 +213,7 @@ class TargetPoller:
         self._clock = clock
         self._state: TargetState | None = None
         self._pending: deque[_Seen | _Failed] = _NOTHING_PENDING
-        # (the key of the previous raw answer, its redacted document, hash and verdict)
-        self._last_answer: tuple[bytes, Any, str, bool] | None = None
+        self._last_answer: _Judged | None = None
         self.failures_in_a_row = 0
         self.deadline = deadline
         self._write_inline = write_inline
@@ -218,7 +248,7 @@ class TargetPoller:
         with self._lock:
             self._in_flight, self._abandoned = time.monotonic(), False
         try:
-            observed: tuple[Any, str, bool] | UpstreamError = self._observe()
+            observed: _Judged | UpstreamError = self._observe()
         except Exception as exc:
             # A bug of ours (never an upstream fault): a failed poll, loudly, with the traceback.
             log.exception("poll failed: internal error", extra={"target": self.name})
@@ -241,22 +271,29 @@ class TargetPoller:
             )
         if isinstance(observed, UpstreamError):
             return self._failed(observed, now, started)
-        document, digest, drift = observed
         self.failures_in_a_row = 0
         self._metrics.set_config(
             self.name,
-            enabled=document.get("enabled") is True,
-            provider_type=_type_of(document),
-            hash_=digest,
-            drift=drift,
+            enabled=observed.enabled,
+            provider_type=observed.provider_type,
+            hash_=observed.hash,
+            drift=observed.drift,
         )
         self._metrics.set_up(self.name, True, now)
-        self._enqueue_seen(_Seen(now, digest, document, drift, epoch=self._epoch()))
+        self._enqueue_seen(_Seen(now, observed, epoch=self._epoch()))
         events, stored = self._written()
         self._metrics.observe_poll(self.name, "success", time.perf_counter() - started)
-        return PollResult(self.name, True, digest, document, drift, events=events, stored=stored)
+        return PollResult(
+            self.name,
+            True,
+            observed.hash,
+            observed.text,
+            observed.drift,
+            events=events,
+            stored=stored,
+        )
 
-    def _observe(self) -> tuple[Any, str, bool] | UpstreamError:
+    def _observe(self) -> _Judged | UpstreamError:
         """Fetch and judge; an upstream fault or an unusable answer as an UpstreamError."""
         try:
             data = self._fetcher.fetch_email_provider()
@@ -290,7 +327,7 @@ class TargetPoller:
             "timeout", f"get-email-provider: poll did not finish within {self.deadline:g} s"
         )
 
-    def _judged(self, data: dict[str, Any]) -> tuple[Any, str, bool]:
+    def _judged(self, data: dict[str, Any]) -> _Judged:
         """The redacted document, its hash and its baseline verdict, reused while the upstream
         answers the same.
 
@@ -300,13 +337,23 @@ class TargetPoller:
         """
         key = _answer_key(data)
         last = self._last_answer
-        if last is not None and key == last[0]:
-            return last[1], last[2], last[3]
+        if last is not None and key == last.key:
+            return last
         document = redact(data, self._key)
-        digest = snapshot_hash(document)
-        drift = bool(baseline_mismatches(document, self._expect))
-        self._last_answer = (key, document, digest, drift)
-        return document, digest, drift
+        text = document_text(document)
+        state = self._state
+        if state is not None and state.document_text == text:
+            text = state.document_text  # one string for both (after a restart, say)
+        judged = _Judged(
+            key,
+            text,
+            snapshot_hash(document),
+            bool(baseline_mismatches(document, self._expect)),
+            document.get("enabled") is True,
+            _type_of(document),
+        )
+        self._last_answer = judged
+        return judged
 
     def _failed(self, error: UpstreamError, now: datetime, started: float) -> PollResult:
         self.failures_in_a_row += 1
@@ -579,12 +626,13 @@ class TargetPoller:
         )
 
     def _new_snapshot(self, outcome: _Seen) -> NewSnapshot:
+        judged = outcome.judged
         return NewSnapshot(
-            hash=outcome.hash,
-            document=outcome.document,
-            enabled=outcome.document.get("enabled") is True,
-            provider_type=_type_of(outcome.document),
-            drift=outcome.drift,
+            hash=judged.hash,
+            text=judged.text,
+            enabled=judged.enabled,
+            provider_type=judged.provider_type,
+            drift=judged.drift,
         )
 
     def _log_change(self, before: TargetState, outcome: _Seen) -> None:

@@ -238,7 +238,7 @@ def test_other_replicas_targets_are_mirrored_from_the_database(engine: Engine) -
 
     store.record_snapshot(
         state,
-        NewSnapshot("sha256:" + "ab" * 32, {"enabled": False}, False, "custom", True),
+        NewSnapshot("sha256:" + "ab" * 32, '{"enabled": false}', False, "custom", True),
         now=datetime.now(UTC),
         events_=[],
     )
