@@ -67,26 +67,34 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 class _Rendered:
     """The exposition, rendered at most once a second however many scrapers ask, and
-    compressed once per render for those that accept gzip."""
+    compressed once per render for those that accept gzip. Only what was asked for is kept
+    (a scraper that takes gzip leaves 0.5 MB cached at 10,000 targets, not 7 MB more of
+    plain text); a plain and a gzip scraper in the same second cost two renders."""
 
     MAX_AGE = 1.0
 
-    def __init__(self, render: Callable[[], bytes]) -> None:
+    def __init__(
+        self, render: Callable[[], bytes], clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._render = render
+        self._clock = clock
         self._lock = threading.Lock()
         self._at = -math.inf
-        self._plain = b""
+        self._plain: bytes | None = None
         self._gzip: bytes | None = None
 
     def get(self, *, gzipped: bool) -> bytes:
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             if now - self._at > self.MAX_AGE:
-                self._plain, self._gzip, self._at = self._render(), None, now
+                self._plain = self._gzip = None
+                self._at = now
             if not gzipped:
+                if self._plain is None:
+                    self._plain = self._render()
                 return self._plain
             if self._gzip is None:
-                self._gzip = gzip.compress(self._plain, compresslevel=1)
+                self._gzip = gzip.compress(self._plain or self._render(), compresslevel=1)
             return self._gzip
 
 

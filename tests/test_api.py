@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 import requests
 
-from monitor.api import create_app
+from monitor.api import _Rendered, create_app
 from monitor.app import Runtime, build_runtime
 from monitor.http_server import HttpServer
 from monitor.simulator import SimulatedGenAuth
@@ -364,3 +365,24 @@ def test_keep_alive_requests_are_not_held_back_by_nagle() -> None:
         assert statistics.median(took[1:]) < 0.02, took
     finally:
         server.stop()
+
+
+def test_metrics_render_once_a_second_whatever_the_scrapers_and_keep_what_was_asked() -> None:
+    renders: list[bytes] = []
+    now = [100.0]
+
+    def render() -> bytes:
+        renders.append(f"render {len(renders)}\n".encode())
+        return renders[-1]
+
+    cache = _Rendered(render, clock=lambda: now[0])
+    assert cache.get(gzipped=True) == gzip.compress(renders[0], compresslevel=1)
+    now[0] += 0.5
+    assert gzip.decompress(cache.get(gzipped=True)) == b"render 0\n", "one render a second"
+    assert len(renders) == 1
+    assert cache.get(gzipped=False) == b"render 1\n", "the plain text was not kept beside gzip"
+    assert cache.get(gzipped=False) == b"render 1\n" and len(renders) == 2
+    now[0] += 0.6  # past a second since the first render
+    assert cache.get(gzipped=False) == b"render 2\n"
+    assert gzip.decompress(cache.get(gzipped=True)) == b"render 2\n", "compressed from it"
+    assert len(renders) == 3
