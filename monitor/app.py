@@ -30,7 +30,7 @@ from monitor.http_server import HttpServer
 from monitor.httpio import abort, bounded_session
 from monitor.keyfile import fingerprint_key
 from monitor.listen import StartingServer
-from monitor.metrics import Metrics
+from monitor.metrics import LineRefresher, Metrics
 from monitor.ratelimit import RateLimit
 from monitor.recorder import Recorder
 from monitor.scheduler import PollScheduler, ScheduledTarget
@@ -297,6 +297,7 @@ class Daemon:
             recorder=self.recorder,
             replica=self.replica_name if replicated else None,
         )
+        self._metric_lines = LineRefresher(self.runtime.metrics)
         monitor = settings.monitor
         intervals = {target.name: target.effective_interval(monitor) for target in settings.targets}
         self.scheduler = PollScheduler(
@@ -404,6 +405,7 @@ class Daemon:
         if self._starting is not None:
             self._starting.handover()  # from here uvicorn answers on the same socket
         self.http.start()
+        self._metric_lines.start()
         self.recorder.start(self.runtime.store)
         self.runtime.delivery.start()
         if self.runtime.attribution is not None:
@@ -435,6 +437,7 @@ class Daemon:
         if self.runtime.attribution is not None:
             self.runtime.attribution.stop(timeout=1.0)
         self.runtime.delivery.stop(timeout=1.0)
+        self._metric_lines.stop()
         self.http.stop()
         self.runtime.store.engine.dispose()
         if self._sqlite_lock is not None:

@@ -11,6 +11,7 @@ targets, beside a per-target gauge of the last duration.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
@@ -22,7 +23,9 @@ from prometheus_client.utils import floatToGoString as _go_float
 
 from monitor import __version__
 
-__all__ = ["Metrics"]
+__all__ = ["LineRefresher", "Metrics"]
+
+log = logging.getLogger("monitor.metrics")
 
 _POLL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -231,6 +234,41 @@ class Metrics:
         of 10,000 targets cheap."""
         return self._text.render(self.snapshot(), generate_latest(self._rest))
 
+    def refresh(self) -> None:
+        """Redo the lines of the targets that changed since the last refresh or render."""
+        self._text.refresh(self.snapshot())
+
+
+class LineRefresher:
+    """Keeps the per-target lines of ``/metrics`` up to date once a second, in a thread of its
+    own, so that a scrape only joins and compresses them. Lines left to the scrape cost it
+    about 2 µs each: at 10,000 targets a scrape every 60 s would redo 40,000 of them (about
+    100 ms), and the first scrape after start-up all 90,000; refreshed here, a scrape redoes
+    at most a second's worth. A refresh of 10,000 targets takes a few milliseconds."""
+
+    EVERY = 1.0
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="metrics-lines", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.EVERY):
+            try:
+                self._metrics.refresh()
+            except Exception:  # a bug of ours: a scrape still renders, and says so itself
+                log.exception("refreshing the /metrics lines failed")
+
 
 class _TargetCollector:
     """The per-target families, built from the records at collect time."""
@@ -383,33 +421,41 @@ class _TargetText:
     def render(self, targets: Sequence[tuple[str, _Target]], rest: bytes) -> bytes:
         """The per-target families, then ``rest`` (the other families' text)."""
         with self._lock:
-            if targets is not self._targets:  # a target was added: all redone
-                self._targets = targets
-                self._labels = [f'target="{_label(name)}"' for name, _ in targets]
-                self._versions = [-1] * len(targets)
-                self._settings = [-1] * len(targets)
-                self._columns = [[b""] * len(targets) for _ in _FAMILIES]
-            versions, settings, labels, columns = (
-                self._versions,
-                self._settings,
-                self._labels,
-                self._columns,
-            )
-            # A version is read before the state, so a change made meanwhile is redone next time.
-            for index, (_, state) in enumerate(targets):
-                polled, seen = state.version, state.settings
-                if polled != versions[index]:
-                    versions[index] = polled
-                    _poll_lines(columns, index, labels[index], state)
-                if seen != settings[index]:
-                    settings[index] = seen
-                    _settings_lines(columns, index, labels[index], state)
+            self._refresh(targets)
             parts: list[bytes] = []
-            for header, column in zip(_HEADERS, columns, strict=True):
+            for header, column in zip(_HEADERS, self._columns, strict=True):
                 parts.append(header)
                 parts += column
             parts.append(rest)
             return b"".join(parts)
+
+    def refresh(self, targets: Sequence[tuple[str, _Target]]) -> None:
+        """Redo the lines of the targets that changed, without rendering."""
+        with self._lock:
+            self._refresh(targets)
+
+    def _refresh(self, targets: Sequence[tuple[str, _Target]]) -> None:
+        if targets is not self._targets:  # a target was added: all redone
+            self._targets = targets
+            self._labels = [f'target="{_label(name)}"' for name, _ in targets]
+            self._versions = [-1] * len(targets)
+            self._settings = [-1] * len(targets)
+            self._columns = [[b""] * len(targets) for _ in _FAMILIES]
+        versions, settings, labels, columns = (
+            self._versions,
+            self._settings,
+            self._labels,
+            self._columns,
+        )
+        # A version is read before the state, so a change made meanwhile is redone next time.
+        for index, (_, state) in enumerate(targets):
+            polled, seen = state.version, state.settings
+            if polled != versions[index]:
+                versions[index] = polled
+                _poll_lines(columns, index, labels[index], state)
+            if seen != settings[index]:
+                settings[index] = seen
+                _settings_lines(columns, index, labels[index], state)
 
 
 # Where each family's text goes in _FAMILIES.

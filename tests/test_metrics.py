@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitor.metrics import Metrics
+import monitor.metrics
+from monitor.metrics import LineRefresher, Metrics
+from tests.helpers import wait_for
 
 AT = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 
@@ -97,3 +101,30 @@ def test_render_escapes_upstream_text_in_labels() -> None:
     )
     text = _same(metrics)
     assert 'type="we\\"ird\\\\type\\nx"' in text
+
+
+def test_the_line_refresher_redoes_changed_lines_before_the_scrape(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    metrics = _metrics("a-pool", "b-pool")
+    _same(metrics)
+    redone: list[str] = []  # the thread that redid each target's poll lines
+    original = monitor.metrics._poll_lines
+
+    def poll_lines(*args: Any) -> None:
+        redone.append(threading.current_thread().name)
+        original(*args)
+
+    monkeypatch.setattr(monitor.metrics, "_poll_lines", poll_lines)
+    metrics.observe_poll("a-pool", "success", 0.25)
+    metrics.set_up("a-pool", True, AT)
+    refresher = LineRefresher(metrics)
+    refresher.EVERY = 0.05
+    refresher.start()
+    try:
+        wait_for(lambda: "metrics-lines" in redone, timeout=5, what="a refresh")
+        text = _same(metrics)  # the scrape: nothing left to redo, and nothing stale
+    finally:
+        refresher.stop()
+    assert redone == ["metrics-lines"], redone
+    assert 'genauth_monitor_last_poll_duration_seconds{target="a-pool"} 0.25' in text
