@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import threading
 import time
@@ -70,7 +71,7 @@ class Receiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server = _bind(self.port, Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         # A short poll interval: shutdown() waits for it (the default 0.5 s, at each stop).
@@ -99,3 +100,16 @@ class Receiver:
     def bodies(self) -> list[Any]:
         with self._lock:
             return [json.loads(r["body"]) for r in self.requests]
+
+
+def _bind(port: int, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    """Listen on ``port`` again after a stop: while stopped, a client socket of another test may
+    briefly hold it as its ephemeral local port, so a few seconds of retries."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return ThreadingHTTPServer(("127.0.0.1", port), handler)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
