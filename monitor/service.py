@@ -52,7 +52,13 @@ from monitor.core.canonical import UnusableDocument
 from monitor.errors import ClaimLost, StorageError, UpstreamError
 from monitor.metrics import Metrics
 from monitor.storage import FailureRecord, Store, TargetState
-from monitor.storage.store import NewSnapshot, Sighting, StaleStateError, document_text
+from monitor.storage.store import (
+    NewSnapshot,
+    Sighting,
+    StaleStateError,
+    document_of,
+    document_text,
+)
 from monitor.timeutil import Clock
 
 __all__ = ["Fetcher", "PollResult", "TargetPoller"]
@@ -82,7 +88,7 @@ class _Judged:
 
     @property
     def document(self) -> Any:
-        return json.loads(self.text)
+        return document_of(self.text)
 
 
 @dataclass(slots=True)
@@ -134,7 +140,7 @@ class PollResult:
 
     @property
     def document(self) -> Any:
-        return None if self.text is None else json.loads(self.text)
+        return document_of(self.text)
 
 
 # The queue of a target with nothing to write: shared, so an idle target holds no deque of its

@@ -39,6 +39,7 @@ __all__ = [
     "StaleStateError",
     "Store",
     "TargetState",
+    "document_of",
     "document_text",
 ]
 
@@ -66,7 +67,7 @@ class TargetState:
 
     @property
     def document(self) -> Any:
-        return None if self.document_text is None else json.loads(self.document_text)
+        return document_of(self.document_text)
 
 
 def document_text(document: Any) -> str:
@@ -74,6 +75,11 @@ def document_text(document: Any) -> str:
     the text is a fifth of the parsed document's size (about 500 bytes against 2.3 KB per
     target), and only a change or a baseline check parses it again."""
     return json.dumps(document, sort_keys=True, ensure_ascii=False)
+
+
+def document_of(text: str | None) -> Any:
+    """The document of a :func:`document_text` (None for None)."""
+    return None if text is None else json.loads(text)
 
 
 @dataclass(frozen=True, slots=True)
