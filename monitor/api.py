@@ -74,9 +74,13 @@ class _Rendered:
     MAX_AGE = 1.0
 
     def __init__(
-        self, render: Callable[[], bytes], clock: Callable[[], float] = time.monotonic
+        self,
+        render: Callable[[], bytes],
+        clock: Callable[[], float] = time.monotonic,
+        render_gzip: Callable[[], bytes] | None = None,
     ) -> None:
         self._render = render
+        self._render_gzip = render_gzip
         self._clock = clock
         self._lock = threading.Lock()
         self._at = -math.inf
@@ -94,7 +98,10 @@ class _Rendered:
                     self._plain = self._render()
                 return self._plain
             if self._gzip is None:
-                self._gzip = gzip.compress(self._plain or self._render(), compresslevel=1)
+                if self._plain is None and self._render_gzip is not None:
+                    self._gzip = self._render_gzip()
+                else:
+                    self._gzip = gzip.compress(self._plain or self._render(), compresslevel=1)
             return self._gzip
 
 
@@ -257,12 +264,14 @@ def create_app(
     metrics_token: bool = False,
     targets: Collection[str] = (),
     render: Callable[[], bytes] | None = None,
+    render_gzip: Callable[[], bytes] | None = None,
     ui_session: float = DEFAULT_UI_SESSION,
     cluster: Callable[[], tuple[str, list[Member]]] | None = None,
 ) -> FastAPI:
     """The ASGI application. ``ready`` says whether the database and scheduler are fine;
     ``targets`` are the configured target names; ``render`` gives the /metrics text
-    (``generate_latest(registry)`` by default); ``ui_session`` is how many seconds a login
+    (``generate_latest(registry)`` by default) and ``render_gzip`` the same compressed (by
+    default ``render``'s, compressed); ``ui_session`` is how many seconds a login
     to the web view lasts; ``cluster`` gives this replica's name and the live replicas
     (default: none)."""
     app = FastAPI(
@@ -272,7 +281,7 @@ def create_app(
     )
     commands = AuditCommands(queries, clock=clock, configured=targets)
     app.state.commands = commands
-    rendered = _Rendered(render or (lambda: generate_latest(registry)))
+    rendered = _Rendered(render or (lambda: generate_latest(registry)), render_gzip=render_gzip)
     app.state.api_token = api_token
     app.state.cluster = cluster or (lambda: ("", []))
     app.state.ui = UiState.build(commands, api_token=api_token, lifetime=ui_session, clock=clock)

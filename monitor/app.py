@@ -345,6 +345,7 @@ class Daemon:
             metrics_token=settings.server.metrics_require_token,
             targets=[target.name for target in settings.targets],
             render=self.runtime.metrics.render,
+            render_gzip=self.runtime.metrics.render_gzip,
             ui_session=settings.server.ui_session,
             cluster=self._members,
         )

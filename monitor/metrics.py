@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -234,6 +235,20 @@ class Metrics:
         of 10,000 targets cheap."""
         return self._text.render(self.snapshot(), generate_latest(self._rest))
 
+    def render_gzip(self) -> bytes:
+        """:meth:`render` compressed (gzip, level 1), a family at a time: the plain text is
+        never in memory whole (7 MB at 10,000 targets, a third of the daemon's peak above
+        its steady size when it was), only one family's lines and the compressed text."""
+        packer = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # a gzip member
+        packed: list[bytes] = []
+        self._text.write(
+            self.snapshot(),
+            generate_latest(self._rest),
+            lambda chunk: packed.append(packer.compress(chunk)),
+        )
+        packed.append(packer.flush())
+        return b"".join(packed)
+
     def refresh(self) -> None:
         """Redo the lines of the targets that changed since the last refresh or render."""
         self._text.refresh(self.snapshot())
@@ -428,6 +443,20 @@ class _TargetText:
                 parts += column
             parts.append(rest)
             return b"".join(parts)
+
+    def write(
+        self,
+        targets: Sequence[tuple[str, _Target]],
+        rest: bytes,
+        out: Callable[[bytes], object],
+    ) -> None:
+        """What :meth:`render` returns, given to ``out`` a family at a time."""
+        with self._lock:
+            self._refresh(targets)
+            for header, column in zip(_HEADERS, self._columns, strict=True):
+                out(header)
+                out(b"".join(column))
+            out(rest)
 
     def refresh(self, targets: Sequence[tuple[str, _Target]]) -> None:
         """Redo the lines of the targets that changed, without rendering."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import threading
 from datetime import UTC, datetime
 from typing import Any
@@ -40,7 +41,10 @@ def _parsed(text: str) -> list[Any]:
 
 
 def _same(metrics: Metrics) -> str:
+    # What a gzip scraper gets (compressed a family at a time) is the same text.
+    packed = metrics.render_gzip()
     text = metrics.render().decode()
+    assert gzip.decompress(packed).decode() == text
     assert _parsed(text) == _parsed(generate_latest(metrics.registry).decode())
     return text
 

@@ -12,12 +12,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, create_engine, inspect, make_url, select, text
 
 from monitor.core import EventDraft, snapshot_hash
+from monitor.errors import StorageError
 from monitor.storage import Store, create_store_engine, upgrade
 from monitor.storage.chain import (
     DATABASE_ID,
@@ -28,6 +30,7 @@ from monitor.storage.chain import (
     verify_chain,
 )
 from monitor.storage.engine import alembic_config, shipped_heads
+from monitor.storage.migrate_apart import upgrade_apart
 from monitor.storage.outbox import Outbox
 from monitor.storage.schema import events, metadata
 
@@ -70,6 +73,52 @@ def test_upgrade_of_a_current_database_does_not_load_alembic(db_url: str) -> Non
         version = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
     assert {version} == shipped_heads()
     downgrade.dispose()
+
+
+def test_run_migrates_in_a_child_and_keeps_alembic_out_of_the_daemon(db_url: str) -> None:
+    # `run` on a database that needs migrating (its first start, or the first after an
+    # upgrade): Alembic and Mako (about 13 MiB) would stay in the daemon for its whole life.
+    script = (
+        "import sys\n"
+        "from monitor.storage.migrate_apart import upgrade_apart\n"
+        "upgrade_apart(sys.stdin.read())\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('alembic', 'mako')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        input=db_url,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    assert done.stdout.strip() == "[]"
+    engine = create_store_engine(db_url)
+    with engine.connect() as connection:
+        version = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        diffs = compare_metadata(MigrationContext.configure(connection), metadata)
+    engine.dispose()
+    assert {version} == shipped_heads()
+    assert diffs == []
+
+
+def test_a_migration_failing_in_its_child_is_the_parents_one_line_error(db_url: str) -> None:
+    engine = create_store_engine(db_url)
+    upgrade(engine)
+    with engine.begin() as connection:  # a database of a newer release
+        connection.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
+    engine.dispose()
+    with_password = make_url(db_url)
+    if with_password.drivername.startswith("postgresql"):
+        # Trust authentication ignores it; it must still never be shown.
+        with_password = with_password.set(password="child-secret-pw")
+    url = with_password.render_as_string(hide_password=False)
+    with pytest.raises(StorageError) as caught:
+        upgrade_apart(url)
+    message = str(caught.value)
+    assert message.startswith("migration failed: ")
+    assert "9999_future" in message
+    assert "child-secret-pw" not in message and "\n" not in message
 
 
 def test_chain_backfill_of_rows_written_before_it(db_url: str) -> None:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "WRITE",
     "UnusableDatabase",
+    "at_shipped_heads",
     "connect",
     "create_store_engine",
     "describe_error",
@@ -128,7 +129,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     """Migrate the database to ``revision``; running it again changes nothing."""
     sqlite = engine.dialect.name == "sqlite"
     try:
-        if revision == "head" and _at_shipped_heads(engine):
+        if revision == "head" and at_shipped_heads(engine):
             # Every start of the daemon gets here: Alembic and Mako are about 10 MiB of the
             # daemon's memory and a few tenths of a second of its start, for nothing to do.
             return
@@ -145,9 +146,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
                         connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
                         _serialise_migrations(connection)
                     before = _broken_references(connection) if sqlite else set()
-                    from alembic import command
-
-                    command.upgrade(alembic_config(connection), revision)
+                    _alembic_upgrade(connection, revision)
                     # Only what the migration broke counts: rows deleted by hand before it (a
                     # tampered database that `verify` must still be able to examine) do not.
                     if sqlite and _broken_references(connection) - before:
@@ -159,7 +158,19 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         raise StorageError("migration failed: " + describe_error(exc)) from None
 
 
-def _at_shipped_heads(engine: Engine) -> bool:
+def _alembic_upgrade(connection: Connection, revision: str) -> None:
+    from alembic import command
+    from alembic.util import CommandError
+
+    try:
+        command.upgrade(alembic_config(connection), revision)
+    except CommandError as exc:
+        # A database of a newer version of this program, or a revision that is not shipped:
+        # Alembic says which in one line, without the URL.
+        raise StorageError(f"migration failed: {exc}") from None
+
+
+def at_shipped_heads(engine: Engine) -> bool:
     """Whether the database is at the newest shipped revision(s), read without Alembic. Only
     the same revisions count: a newer database goes on to Alembic, which refuses it."""
     with engine.connect() as connection:
