@@ -4,7 +4,8 @@ and backoff.
 Each target polls once per **slot**: slot ``k`` is ``origin + k * interval``, and its run is
 placed at a random offset within ``+- jitter * interval / 2`` of the slot. Jitter spreads the
 runs and never adds up, so the mean period is exactly ``interval``. The origins of the targets
-are spread over ``min(interval, 30 s)`` from start, so many targets never poll in one burst.
+are spread evenly over the first 90% of ``min(interval, 30 s)`` from start, so many targets
+never poll in one burst, and the last first poll is done within that window.
 
 After a failed poll the job is rescheduled to the first slot at or after its backoff (SPEC §3:
 retried with backoff); a success returns it to every slot. A watchdog thread fails polls past
@@ -46,7 +47,11 @@ __all__ = ["PollScheduler", "ScheduledTarget", "SlotTrigger", "backoff_delay", "
 log = logging.getLogger("monitor.scheduler")
 
 WATCH_EVERY = 0.5  # seconds between the watchdog's looks at the polls in flight
-FIRST_SPREAD_MAX = 30.0  # the first polls of all targets are spread over at most this
+FIRST_SPREAD_MAX = 30.0  # the first polls of all targets are done within at most this
+# ... planned over this much of it: a first poll (a token, a first snapshot) costs several
+# unchanged ones, and at 10,000 targets on 2 cores the last ones ran up to 1.7 s late when
+# planned to the window's very end.
+FIRST_SPREAD_FILL = 0.9
 CLOCK_JUMP = 5.0  # seconds of difference between wall and monotonic time that count as a jump
 
 
@@ -149,6 +154,12 @@ def shared_grid(name: str, interval: float, skew: timedelta) -> tuple[datetime, 
     return _EPOCH + skew + timedelta(seconds=phase), seed
 
 
+def _first_spread(interval: float) -> float:
+    """Seconds over which the first polls are planned, so that they are done within
+    min(interval, 30 s)."""
+    return min(interval, FIRST_SPREAD_MAX) * FIRST_SPREAD_FILL
+
+
 class _Job:
     """The callable APScheduler runs for one target; after a failure it moves its own next
     run to the first slot after the backoff."""
@@ -206,7 +217,7 @@ class _Job:
 
 
 class PollScheduler:
-    """One slot-trigger job per target; the first polls spread over min(interval, 30 s)."""
+    """One slot-trigger job per target; the first polls done within min(interval, 30 s)."""
 
     def __init__(
         self,
@@ -245,8 +256,7 @@ class PollScheduler:
         for index, target in enumerate([] if self._claimed else self._targets):
             name = target.poller.name
             # Evenly spread first polls: index / count of the spread window.
-            spread = min(target.interval, FIRST_SPREAD_MAX)
-            first = now + timedelta(seconds=spread * index / count)
+            first = now + timedelta(seconds=_first_spread(target.interval) * index / count)
             trigger = SlotTrigger(
                 interval=target.interval, jitter=target.jitter, origin=first, seed=index
             )
@@ -277,7 +287,7 @@ class PollScheduler:
         now = self._now()
         first = trigger.get_next_fire_time(None, now)
         if soon:
-            spread = min(target.interval, FIRST_SPREAD_MAX) * seed / 2**32
+            spread = _first_spread(target.interval) * seed / 2**32
             first = max(now, not_before) + timedelta(seconds=spread)
         self.triggers[name] = trigger
         self._scheduler.add_job(
