@@ -4,8 +4,7 @@ and backoff.
 Each target polls once per **slot**: slot ``k`` is ``origin + k * interval``, and its run is
 placed at a random offset within ``+- jitter * interval / 2`` of the slot. Jitter spreads the
 runs and never adds up, so the mean period is exactly ``interval``. The origins of the targets
-are spread evenly over the first 90% of ``min(interval, 30 s)`` from start, so many targets
-never poll in one burst, and the last first poll is done within that window.
+are spread over ``min(interval, 30 s)`` from start, so many targets never poll in one burst.
 
 After a failed poll the job is rescheduled to the first slot at or after its backoff (SPEC §3:
 retried with backoff); a success returns it to every slot. A watchdog thread fails polls past
@@ -47,11 +46,7 @@ __all__ = ["PollScheduler", "ScheduledTarget", "SlotTrigger", "backoff_delay", "
 log = logging.getLogger("monitor.scheduler")
 
 WATCH_EVERY = 0.5  # seconds between the watchdog's looks at the polls in flight
-FIRST_SPREAD_MAX = 30.0  # the first polls of all targets are done within at most this
-# ... planned over this much of it: a first poll (a token, a first snapshot) costs several
-# unchanged ones, and at 10,000 targets on 2 cores the last ones ran up to 1.7 s late when
-# planned to the window's very end.
-FIRST_SPREAD_FILL = 0.9
+FIRST_SPREAD_MAX = 30.0  # the first polls of all targets are spread over at most this
 CLOCK_JUMP = 5.0  # seconds of difference between wall and monotonic time that count as a jump
 
 
@@ -155,9 +150,8 @@ def shared_grid(name: str, interval: float, skew: timedelta) -> tuple[datetime, 
 
 
 def _first_spread(interval: float) -> float:
-    """Seconds over which the first polls are planned, so that they are done within
-    min(interval, 30 s)."""
-    return min(interval, FIRST_SPREAD_MAX) * FIRST_SPREAD_FILL
+    """Seconds over which the first polls are spread."""
+    return min(interval, FIRST_SPREAD_MAX)
 
 
 class _Job:
@@ -217,7 +211,7 @@ class _Job:
 
 
 class PollScheduler:
-    """One slot-trigger job per target; the first polls done within min(interval, 30 s)."""
+    """One slot-trigger job per target; the first polls spread over min(interval, 30 s)."""
 
     def __init__(
         self,
