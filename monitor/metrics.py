@@ -236,22 +236,34 @@ class Metrics:
         return self._text.render(self.snapshot(), generate_latest(self._rest))
 
     def render_gzip(self) -> bytes:
-        """:meth:`render` compressed (gzip, level 1), a family at a time: the plain text is
-        never in memory whole (7 MB at 10,000 targets, a third of the daemon's peak above
-        its steady size when it was), only one family's lines and the compressed text."""
+        """:meth:`render` compressed (gzip, level 1) in pieces: the plain text is never in
+        memory whole (7 MB at 10,000 targets, a third of the daemon's peak above its steady
+        size when it was), only a piece of it and the compressed text."""
         packer = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # a gzip member
         packed: list[bytes] = []
-        self._text.write(
-            self.snapshot(),
-            generate_latest(self._rest),
-            lambda chunk: packed.append(packer.compress(chunk)),
-        )
+        pending: list[bytes] = []
+
+        def take(chunk: bytes) -> None:
+            # zlib gives up the GIL and takes it again for each block of its output, and in a
+            # busy daemon each take waits behind the poll threads: the text goes to it in a
+            # few large pieces (one call per family made a scrape's p99 at 10,000 targets
+            # 130-185 ms instead of 91-97).
+            pending.append(chunk)
+            if sum(map(len, pending)) >= _PACK_PIECE:
+                packed.append(packer.compress(b"".join(pending)))
+                pending.clear()
+
+        self._text.write(self.snapshot(), generate_latest(self._rest), take)
+        packed.append(packer.compress(b"".join(pending)))
         packed.append(packer.flush())
         return b"".join(packed)
 
     def refresh(self) -> None:
         """Redo the lines of the targets that changed since the last refresh or render."""
         self._text.refresh(self.snapshot())
+
+
+_PACK_PIECE = 2 * 1024 * 1024  # bytes of exposition given to the compressor at once
 
 
 class LineRefresher:
