@@ -151,6 +151,7 @@ class GenAuthClient:
     have in common in their shared :class:`Route`."""
 
     __slots__ = (
+        "_bearer",
         "_auth",
         "_clock",
         "_lock",
@@ -159,7 +160,6 @@ class GenAuthClient:
         "_route",
         "_secret",
         "_session",
-        "_token",
         "_user_agent",
         "access_key_id",
         "max_response_bytes",
@@ -207,7 +207,9 @@ class GenAuthClient:
         # (the prepared get-email-provider request carrying the token, clock time after which
         # the token is refreshed): prepared once per token, sent as is by every poll.
         self._auth: tuple[requests.PreparedRequest, float] | None = None
-        self._token: str | None = None
+        # "Bearer <token>", the very string the request sends: the token is not kept apart
+        # (260 bytes a target), and messages are cleaned of what follows "Bearer ".
+        self._bearer: str | None = None
 
     @property
     def base_url(self) -> str:
@@ -428,7 +430,7 @@ class GenAuthClient:
             self._invalid(
                 response, _TOKEN_EP, "data.expires_in is missing or not a positive number"
             )
-        self._token = token
+        self._bearer = f"Bearer {token}"
         pool = self.userpool_id
         if pool is None:
             scoped = claims.get("scoped_userpool_id")
@@ -437,7 +439,7 @@ class GenAuthClient:
             else:
                 pool = self.access_key_id
         headers = {
-            "Authorization": f"Bearer {token}",
+            "Authorization": self._bearer,
             "x-authing-userpool-id": pool,
             "x-genauth-userpool-id": pool,
             "User-Agent": self._user_agent,
@@ -560,7 +562,8 @@ class GenAuthClient:
 
     def _safe_text(self, text: str, limit: int) -> str:
         """Upstream text made fit for a log line: one line, no secret, no token, short."""
-        for secret in (self._secret, self._token):
+        token = self._bearer.removeprefix("Bearer ") if self._bearer is not None else None
+        for secret in (self._secret, token):
             if secret:
                 text = text.replace(secret, "***")
         text = _CONTROL.sub(" ", text).strip()
