@@ -563,6 +563,69 @@ def test_an_upstream_quoting_the_secret_back_never_gets_it_into_the_error(
     assert err.request_id == "req-***"
 
 
+class TokenQuotingUpstream:
+    """A loopback upstream that issues a token, then answers get-email-provider with an error
+    that quotes the bearer token it got, as a careless gateway might."""
+
+    TOKEN = "Quoted-Bearer-Token-4242"
+
+    def __init__(self) -> None:
+        import json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        token = self.TOKEN
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self, status: int, envelope: dict[str, Any]) -> None:
+                body = json.dumps(envelope).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                data = {"access_token": token, "expires_in": 3600}
+                self._answer(200, {"statusCode": 200, "data": data})
+
+            def do_GET(self) -> None:
+                quoted = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                self._answer(
+                    500,
+                    {"statusCode": 500, "message": f"rejected token {quoted}", "requestId": quoted},
+                )
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_an_upstream_quoting_the_token_back_never_gets_it_into_the_error() -> None:
+    upstream = TokenQuotingUpstream()
+    client = GenAuthClient(
+        base_url=upstream.base_url, access_key_id=KEY_ID, access_key_secret=SECRET, timeout=2.0
+    )
+    try:
+        err = fail(client)
+    finally:
+        client.close()
+        upstream.stop()
+    assert err.reason == "http_status"
+    assert TokenQuotingUpstream.TOKEN not in f"{err.message} {err.request_id}"
+    assert "rejected token ***" in err.message, "the rest is kept"
+
+
 @pytest.mark.parametrize("pool", ["pool\r\nX-Evil: 1", "pool\r\n folded", " pool"])
 def test_a_pool_id_that_would_break_the_headers_is_never_sent(
     make_client: ClientFactory, sim: SimulatedGenAuth, pool: str
