@@ -18,6 +18,10 @@ CPU is not counted. In this process, interleaved round by round:
     token), redaction, RFC 8785 hash, baseline check, the ``Store`` transaction on SQLite (WAL,
     temp dir) and the Prometheus ``Metrics``; logging is set up as the daemon does (JSON, info).
 
+``requests/no-env``, ``client``, ``urllib3``, ``http.client``
+    The daemon's HTTP path alone (``GenAuthClient.fetch_email_provider``) beside the floors
+    below requests (see :func:`transport_loops`; ``--no-transports`` skips them).
+
 CPU is ``time.process_time()`` (user + system, all threads of this process) divided by the
 number of polls; the best round of each is reported and their ratio is compared with the goal
 (poll <= 1.5x bare). The configuration never changes during the run, so the snapshot row count
@@ -187,6 +191,71 @@ def bare_loop(base_url: str) -> Callable[[int], None]:
     return loop
 
 
+def _token(base_url: str) -> dict[str, str]:
+    """The headers of an authorised get-email-provider request (a token fetched once)."""
+    answer = requests.post(
+        base_url + TOKEN_PATH,
+        json={"accessKeyId": KEY_ID, "accessKeySecret": KEY_SECRET},
+        timeout=10,
+    ).json()
+    return {
+        "Authorization": f"Bearer {answer['data']['access_token']}",
+        "x-authing-userpool-id": KEY_ID,
+        "x-genauth-userpool-id": KEY_ID,
+    }
+
+
+def transport_loops(base_url: str) -> dict[str, Callable[[int], None]]:
+    """The daemon's HTTP path beside the floors below requests, each GET + JSON parse:
+
+    ``requests/no-env``  ``requests.Session`` with ``trust_env=False`` (no per-call
+                         environment merging), ``session.get(...).json()``
+    ``client``           ``GenAuthClient.fetch_email_provider()``: the daemon's transport (its
+                         prepared request through the adapter, the bounded streaming read, the
+                         deadline watch) with the answer's checks, cached token
+    ``urllib3``          a bare ``urllib3.PoolManager`` request and ``json.loads``
+    ``http.client``      one kept ``HTTPConnection``, ``request``/``getresponse``/``read``
+    """
+    import http.client
+    import urllib.parse
+
+    import urllib3
+
+    headers = _token(base_url)
+    url = base_url + PROVIDER_PATH
+    no_env = requests.Session()
+    no_env.trust_env = False
+    pool = urllib3.PoolManager()
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "", parts.port)
+    client = GenAuthClient(base_url=base_url, access_key_id=KEY_ID, access_key_secret=KEY_SECRET)
+
+    def requests_no_env(n: int) -> None:
+        for _ in range(n):
+            no_env.get(url, headers=headers).json()
+
+    def genauth_client(n: int) -> None:
+        fetch = client.fetch_email_provider
+        for _ in range(n):
+            fetch()
+
+    def bare_urllib3(n: int) -> None:
+        for _ in range(n):
+            json.loads(pool.request("GET", url, headers=headers).data)
+
+    def bare_http_client(n: int) -> None:
+        for _ in range(n):
+            connection.request("GET", parts.path, headers=headers)
+            json.loads(connection.getresponse().read())
+
+    return {
+        "requests/no-env": requests_no_env,
+        "client": genauth_client,
+        "urllib3": bare_urllib3,
+        "http.client": bare_http_client,
+    }
+
+
 @dataclass
 class PollSetup:
     label: str
@@ -251,6 +320,8 @@ def run_poll_benchmark(args: argparse.Namespace, base_url: str, sim_pid: int, tm
     loops: dict[str, Callable[[int], None]] = {"bare": bare_loop(base_url)}
     for setup in setups:
         loops[f"poll/{setup.label}"] = setup.loop
+    if args.transports:
+        loops.update(transport_loops(base_url))
 
     # Warm-up: the first poll stores the first snapshot; the rest warm caches and pools.
     for loop in loops.values():
@@ -286,6 +357,13 @@ def run_poll_benchmark(args: argparse.Namespace, base_url: str, sim_pid: int, tm
             f"{name:<16} {top.cpu_us:>19.0f} {top.sys_us:>13.0f} {statistics.median(cpus):>7.0f} "
             f"{top.wall_us:>13.0f}  [{rounds}]"
         )
+    medians = {
+        name: statistics.median(s.cpu_us for s in samples) for name, samples in results.items()
+    }
+    print(
+        "medians against the bare loop: "
+        + ", ".join(f"{name} {value / medians['bare']:.2f}x" for name, value in medians.items())
+    )
     ok = True
     for setup in setups:
         name = f"poll/{setup.label}"
@@ -481,6 +559,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--curl", type=int, default=200, metavar="N", help="cron-style comparison runs (0: skip)"
+    )
+    parser.add_argument(
+        "--no-transports",
+        dest="transports",
+        action="store_false",
+        help="skip the daemon's client and the floors below requests (urllib3, http.client)",
     )
     parser.add_argument("--check", action="store_true", help="exit 1 if a goal is missed")
     parser.add_argument("--memory-child", metavar="BASE_URL", help=argparse.SUPPRESS)

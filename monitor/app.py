@@ -27,6 +27,7 @@ from monitor.audit_log import AuditLogReader
 from monitor.cluster import LEASE, Cluster, default_replica_name, key_check
 from monitor.config import MonitorSettings, Settings, SinkSettings, TargetSettings
 from monitor.core.alerting import SinkRoute
+from monitor.exposition import Exposition
 from monitor.genauth import GenAuthClient, Route
 from monitor.http_server import HttpServer
 from monitor.httpio import abort, bounded_session
@@ -316,7 +317,9 @@ class Daemon:
             recorder=self.recorder,
             replica=self.replica_name if replicated else None,
         )
-        self._metric_lines = LineRefresher(self.runtime.metrics)
+        metrics = self.runtime.metrics
+        exposition = Exposition(metrics.render, render_gzip=metrics.render_gzip)
+        self._metric_lines = LineRefresher(metrics, ahead=exposition)
         monitor = settings.monitor
         intervals = {target.name: target.effective_interval(monitor) for target in settings.targets}
         self.scheduler = PollScheduler(
@@ -363,8 +366,7 @@ class Daemon:
             clock=clock,
             metrics_token=settings.server.metrics_require_token,
             targets=[target.name for target in settings.targets],
-            render=self.runtime.metrics.render,
-            render_gzip=self.runtime.metrics.render_gzip,
+            exposition=exposition,
             ui_session=settings.server.ui_session,
             cluster=self._members,
         )

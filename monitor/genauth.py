@@ -151,8 +151,8 @@ class GenAuthClient:
     have in common in their shared :class:`Route`."""
 
     __slots__ = (
-        "_bearer",
         "_auth",
+        "_bearer",
         "_clock",
         "_lock",
         "_owns_session",

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -266,6 +268,15 @@ class Metrics:
 _PACK_PIECE = 2 * 1024 * 1024  # bytes of exposition given to the compressor at once
 
 
+class Ahead(Protocol):
+    """What renders the exposition ahead of the scrapes it expects
+    (:class:`monitor.exposition.Exposition`)."""
+
+    def ahead_in(self) -> float | None: ...
+
+    def render_ahead(self) -> bool: ...
+
+
 class LineRefresher:
     """Keeps the per-target lines of ``/metrics`` up to date once a second, in a thread of its
     own, so that a scrape only joins and compresses them. Lines left to the scrape cost it
@@ -275,8 +286,9 @@ class LineRefresher:
 
     EVERY = 1.0
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, ahead: Ahead | None = None) -> None:
         self._metrics = metrics
+        self._ahead = ahead
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -290,11 +302,24 @@ class LineRefresher:
             self._thread.join(timeout=2.0)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.EVERY):
+        ahead = self._ahead
+        refresh_at = time.monotonic() + self.EVERY
+        while True:
+            wait = refresh_at - time.monotonic()
+            soon = ahead.ahead_in() if ahead is not None else None
+            if soon is not None:
+                wait = min(wait, soon)
+            if self._stop.wait(max(wait, 0.0)):
+                return
             try:
-                self._metrics.refresh()
+                if ahead is not None and ahead.render_ahead():
+                    refresh_at = time.monotonic() + self.EVERY  # the render redid the lines
+                elif time.monotonic() >= refresh_at:
+                    self._metrics.refresh()
+                    refresh_at = time.monotonic() + self.EVERY
             except Exception:  # a bug of ours: a scrape still renders, and says so itself
                 log.exception("refreshing the /metrics lines failed")
+                refresh_at = time.monotonic() + self.EVERY
 
 
 class _TargetCollector:

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import requests
 
-from monitor.api import _Rendered, create_app
+from monitor.api import create_app
 from monitor.app import Runtime, build_runtime
+from monitor.exposition import LEAD, Exposition
 from monitor.http_server import HttpServer
 from monitor.simulator import SimulatedGenAuth
 from tests.conftest import FakeClock
@@ -375,7 +376,7 @@ def test_metrics_render_once_a_second_whatever_the_scrapers_and_keep_what_was_as
         renders.append(f"render {len(renders)}\n".encode())
         return renders[-1]
 
-    cache = _Rendered(render, clock=lambda: now[0])
+    cache = Exposition(render, clock=lambda: now[0])
     assert cache.get(gzipped=True) == gzip.compress(renders[0], compresslevel=1)
     now[0] += 0.5
     assert gzip.decompress(cache.get(gzipped=True)) == b"render 0\n", "one render a second"
@@ -386,3 +387,68 @@ def test_metrics_render_once_a_second_whatever_the_scrapers_and_keep_what_was_as
     assert cache.get(gzipped=False) == b"render 2\n"
     assert gzip.decompress(cache.get(gzipped=True)) == b"render 2\n", "compressed from it"
     assert len(renders) == 3
+
+
+def test_metrics_are_rendered_ahead_of_each_expected_scrape_once() -> None:
+    renders: list[bytes] = []
+    now = [1000.0]
+
+    def render() -> bytes:
+        renders.append(f"render {len(renders)}\n".encode())
+        return renders[-1]
+
+    cache = Exposition(render, clock=lambda: now[0])
+    assert cache.ahead_in() is None, "no scraper seen yet"
+    cache.get(gzipped=True, scraper="10.0.0.1")
+    now[0] += 15
+    cache.get(gzipped=True, scraper="10.0.0.1")  # its period: 15 s
+    assert len(renders) == 2
+    assert cache.ahead_in() == pytest.approx(15 - LEAD)
+    now[0] += 10
+    assert not cache.render_ahead(), "not due yet"
+    now[0] += 15 - LEAD - 10
+    assert cache.render_ahead() and len(renders) == 3, "rendered a moment before the scrape"
+    assert cache.ahead_in() is None and not cache.render_ahead(), "once per expected scrape"
+    now[0] += LEAD + 0.1  # the scrape, a little late: what was made ahead is served
+    assert gzip.decompress(cache.get(gzipped=True, scraper="10.0.0.1")) == b"render 2\n"
+    assert len(renders) == 3
+    # A scraper that goes away costs one render ahead, not one a second.
+    now[0] += 15
+    assert cache.render_ahead() and len(renders) == 4
+    for _ in range(30):
+        now[0] += 1
+        assert not cache.render_ahead()
+    assert len(renders) == 4
+
+
+def test_each_scraper_is_expected_on_its_own_period() -> None:
+    renders: list[bytes] = []
+    now = [0.0]
+
+    def render() -> bytes:
+        renders.append(b"x\n")
+        return renders[-1]
+
+    cache = Exposition(render, clock=lambda: now[0])
+    # Two Prometheus servers every 30 s, 10 s apart in phase, and a plain-text scraper every
+    # 60 s.
+    for t, who, gzipped in [
+        (-40, "c", False),
+        (0, "a", True),
+        (10, "b", True),
+        (20, "c", False),
+        (30, "a", True),
+        (40, "b", True),
+    ]:
+        now[0] = t
+        cache.get(gzipped=gzipped, scraper=who)
+    assert len(renders) == 6
+    now[0] = 50.0  # a is expected at 60, b at 70 (their 30 s), c at 80 (its 60 s)
+    assert cache.ahead_in() == pytest.approx(10 - LEAD)
+    due = []
+    for tick in range(4000):  # a tick every 25 ms, up to 150 s
+        now[0] = 50.0 + tick * 0.025
+        if cache.render_ahead():
+            due.append(round(now[0], 2))
+    assert due == [60 - LEAD, 70 - LEAD, 80 - LEAD], due
+    assert len(renders) == 9, "one render ahead for each"

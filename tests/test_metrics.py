@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -132,3 +133,35 @@ def test_the_line_refresher_redoes_changed_lines_before_the_scrape(
         refresher.stop()
     assert redone == ["metrics-lines"], redone
     assert 'genauth_monitor_last_poll_duration_seconds{target="a-pool"} 0.25' in text
+
+
+class _OneScrapeAhead:
+    """An Ahead (what the exposition is) with one scrape expected ``wait`` seconds from now."""
+
+    def __init__(self, wait: float) -> None:
+        self.due = time.monotonic() + wait
+        self.rendered_at: list[float] = []
+
+    def ahead_in(self) -> float | None:
+        return None if self.rendered_at else max(self.due - time.monotonic(), 0.0)
+
+    def render_ahead(self) -> bool:
+        if self.rendered_at or time.monotonic() < self.due:
+            return False
+        self.rendered_at.append(time.monotonic())
+        return True
+
+
+def test_the_line_refresher_renders_ahead_when_a_scrape_is_due_not_at_its_tick() -> None:
+    metrics = _metrics("a-pool")
+    ahead = _OneScrapeAhead(0.3)
+    refresher = LineRefresher(metrics, ahead=ahead)
+    refresher.EVERY = 30.0  # its own refresh would come much later
+    refresher.start()
+    try:
+        wait_for(lambda: ahead.rendered_at, timeout=5, what="a render ahead")
+    finally:
+        refresher.stop()
+    late = ahead.rendered_at[0] - ahead.due
+    assert 0 <= late < 0.2, f"rendered {late:.3f} s after it was due"
+    assert len(ahead.rendered_at) == 1
