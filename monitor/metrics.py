@@ -451,6 +451,22 @@ _HEADERS: tuple[bytes, ...] = tuple(
     for name, help_text, kind in _FAMILIES
     for suffix in ("_total" if kind == "counter" else "",)
 )
+_SAMPLE_NAMES: tuple[str, ...] = tuple(
+    name + ("_total" if kind == "counter" else "") for name, _, kind in _FAMILIES
+)
+# A kept line has neither its sample name nor its newline, ``target="a"} 1.0``: the join puts
+# them back between the lines (a third of the cache, 3 MB at 10,000 targets, was those names).
+_STARTS: tuple[bytes, ...] = tuple(f"{name}{{".encode() for name in _SAMPLE_NAMES)
+_BETWEEN: tuple[str, ...] = tuple(f"\n{name}{{" for name in _SAMPLE_NAMES)
+
+
+def _family_text(family: int, column: list[bytes]) -> list[bytes]:
+    """The text of one per-target family from its column (b"": a target without a series)."""
+    present = list(filter(None, column))
+    if not present:
+        return [_HEADERS[family]]
+    between = _BETWEEN[family].encode()
+    return [_HEADERS[family], _STARTS[family], between.join(present), b"\n"]
 
 
 class _TargetText:
@@ -460,7 +476,8 @@ class _TargetText:
     and polls; the configuration seen and its events the five others) and joins every
     column into the exposition at once. Nothing else is kept per target but its label: at
     10,000 targets a render is a scan of the versions, the changed targets' lines and one
-    join, and the cache costs about a kilobyte per target."""
+    join, and the cache costs about 540 bytes per target (a line is kept without its
+    sample name: see _family_text)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -475,9 +492,8 @@ class _TargetText:
         with self._lock:
             self._refresh(targets)
             parts: list[bytes] = []
-            for header, column in zip(_HEADERS, self._columns, strict=True):
-                parts.append(header)
-                parts += column
+            for family, column in enumerate(self._columns):
+                parts += _family_text(family, column)
             parts.append(rest)
             return b"".join(parts)
 
@@ -490,9 +506,9 @@ class _TargetText:
         """What :meth:`render` returns, given to ``out`` a family at a time."""
         with self._lock:
             self._refresh(targets)
-            for header, column in zip(_HEADERS, self._columns, strict=True):
-                out(header)
-                out(b"".join(column))
+            for family, column in enumerate(self._columns):
+                for piece in _family_text(family, column):
+                    out(piece)
             out(rest)
 
     def refresh(self, targets: Sequence[tuple[str, _Target]]) -> None:
@@ -528,43 +544,41 @@ class _TargetText:
 _ENABLED, _DRIFT, _LAST_CHANGE, _UP, _LAST_SUCCESS, _LAST_DURATION, _INFO, _POLLS, _CHANGES = range(
     len(_FAMILIES)
 )
-_GAUGE_NAMES = tuple(name for name, _, _ in _TARGET_GAUGES)
 
 
-def _gauge(family: int, label: str, value: float | None) -> bytes:
+def _gauge(label: str, value: float | None) -> bytes:
     if value is None:
         return b""
-    return f"{_GAUGE_NAMES[family]}{{{label}}} {_number(value)}\n".encode()
+    return f"{label}}} {_number(value)}".encode()
 
 
-def _counts(name: str, label: str, key: str, counts: dict[str, int]) -> bytes:
-    return "".join(
-        f'{name}{{{label},{key}="{_label(k)}"}} {_number(v)}\n' for k, v in list(counts.items())
-    ).encode()
+def _counts(family: int, label: str, key: str, counts: dict[str, int]) -> bytes:
+    return (
+        _BETWEEN[family]
+        .join(f'{label},{key}="{_label(k)}"}} {_number(v)}' for k, v in list(counts.items()))
+        .encode()
+    )
 
 
 def _poll_lines(columns: list[list[bytes]], index: int, label: str, state: _Target) -> None:
     """What a poll changes (b"" where the target has no series)."""
-    columns[_UP][index] = _gauge(_UP, label, state.up)
-    columns[_LAST_SUCCESS][index] = _gauge(_LAST_SUCCESS, label, state.last_success)
-    columns[_LAST_DURATION][index] = _gauge(_LAST_DURATION, label, state.last_duration)
-    columns[_POLLS][index] = _counts("genauth_monitor_polls_total", label, "outcome", state.polls)
+    columns[_UP][index] = _gauge(label, state.up)
+    columns[_LAST_SUCCESS][index] = _gauge(label, state.last_success)
+    columns[_LAST_DURATION][index] = _gauge(label, state.last_duration)
+    columns[_POLLS][index] = _counts(_POLLS, label, "outcome", state.polls)
 
 
 def _settings_lines(columns: list[list[bytes]], index: int, label: str, state: _Target) -> None:
     """What the configuration seen and its events change."""
-    columns[_ENABLED][index] = _gauge(_ENABLED, label, state.enabled)
-    columns[_DRIFT][index] = _gauge(_DRIFT, label, state.drift)
-    columns[_LAST_CHANGE][index] = _gauge(_LAST_CHANGE, label, state.last_change)
+    columns[_ENABLED][index] = _gauge(label, state.enabled)
+    columns[_DRIFT][index] = _gauge(label, state.drift)
+    columns[_LAST_CHANGE][index] = _gauge(label, state.last_change)
     hash12 = state.hash12
     columns[_INFO][index] = (
         b""
         if hash12 is None
         else (
-            f'genauth_email_provider_info{{{label},type="{_label(state.provider_type or "")}",'
-            f'hash="{_label(hash12)}"}} 1.0\n'
+            f'{label},type="{_label(state.provider_type or "")}",hash="{_label(hash12)}"}} 1.0'
         ).encode()
     )
-    columns[_CHANGES][index] = _counts(
-        "genauth_email_provider_changes_total", label, "kind", state.changes
-    )
+    columns[_CHANGES][index] = _counts(_CHANGES, label, "kind", state.changes)
