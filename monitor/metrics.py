@@ -285,6 +285,7 @@ class LineRefresher:
     at most a second's worth. A refresh of 10,000 targets takes a few milliseconds."""
 
     EVERY = 1.0
+    LOOK_AHEAD = 0.25  # seconds between looks at when the next scrape is expected
 
     def __init__(self, metrics: Metrics, ahead: Ahead | None = None) -> None:
         self._metrics = metrics
@@ -306,9 +307,11 @@ class LineRefresher:
         refresh_at = time.monotonic() + self.EVERY
         while True:
             wait = refresh_at - time.monotonic()
-            soon = ahead.ahead_in() if ahead is not None else None
-            if soon is not None:
-                wait = min(wait, soon)
+            if ahead is not None:
+                # A scrape just made expects the next one: looked at four times a second, so
+                # even a scraper every second or two gets its render ahead in time.
+                soon = ahead.ahead_in()
+                wait = min(wait, self.LOOK_AHEAD, self.LOOK_AHEAD if soon is None else soon)
             if self._stop.wait(max(wait, 0.0)):
                 return
             try:
