@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy import create_engine
 
 from monitor.api import create_app
+from monitor.exposition import Exposition
 from monitor.http_server import HttpServer
 from monitor.metrics import Metrics
 from monitor.storage import Queries
@@ -120,7 +121,7 @@ def time_render(
 def time_http(metrics: Metrics, runs: int) -> tuple[list[float], int]:
     app = create_app(
         registry=metrics.registry,
-        render=metrics.render,
+        exposition=Exposition(metrics.render, render_gzip=metrics.render_gzip),
         queries=Queries(create_engine("sqlite://")),  # /metrics does not query the database
         ready=lambda: (True, {}),
         api_token=None,
