@@ -368,15 +368,20 @@ def test_keep_alive_requests_are_not_held_back_by_nagle() -> None:
         server.stop()
 
 
-def test_metrics_render_once_a_second_whatever_the_scrapers_and_keep_what_was_asked() -> None:
+def _numbered_renders(start: float) -> tuple[Exposition, list[bytes], list[float]]:
+    """An exposition whose renders say their number, on a clock the test moves."""
     renders: list[bytes] = []
-    now = [100.0]
+    now = [start]
 
     def render() -> bytes:
         renders.append(f"render {len(renders)}\n".encode())
         return renders[-1]
 
-    cache = Exposition(render, clock=lambda: now[0])
+    return Exposition(render, clock=lambda: now[0]), renders, now
+
+
+def test_metrics_render_once_a_second_whatever_the_scrapers_and_keep_what_was_asked() -> None:
+    cache, renders, now = _numbered_renders(100.0)
     assert cache.get(gzipped=True) == gzip.compress(renders[0], compresslevel=1)
     now[0] += 0.5
     assert gzip.decompress(cache.get(gzipped=True)) == b"render 0\n", "one render a second"
@@ -390,14 +395,7 @@ def test_metrics_render_once_a_second_whatever_the_scrapers_and_keep_what_was_as
 
 
 def test_metrics_are_rendered_ahead_of_each_expected_scrape_once() -> None:
-    renders: list[bytes] = []
-    now = [1000.0]
-
-    def render() -> bytes:
-        renders.append(f"render {len(renders)}\n".encode())
-        return renders[-1]
-
-    cache = Exposition(render, clock=lambda: now[0])
+    cache, renders, now = _numbered_renders(1000.0)
     assert cache.ahead_in() is None, "no scraper seen yet"
     cache.get(gzipped=True, scraper="10.0.0.1")
     now[0] += 15
@@ -422,14 +420,7 @@ def test_metrics_are_rendered_ahead_of_each_expected_scrape_once() -> None:
 
 
 def test_each_scraper_is_expected_on_its_own_period() -> None:
-    renders: list[bytes] = []
-    now = [0.0]
-
-    def render() -> bytes:
-        renders.append(b"x\n")
-        return renders[-1]
-
-    cache = Exposition(render, clock=lambda: now[0])
+    cache, renders, now = _numbered_renders(0.0)
     # Two Prometheus servers every 30 s, 10 s apart in phase, and a plain-text scraper every
     # 60 s.
     for t, who, gzipped in [

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -501,45 +503,60 @@ def test_overflowing_number_is_not_json(sim: SimulatedGenAuth, make_client: Clie
     assert caught.value.reason == "invalid_response"
 
 
-class EchoingUpstream:
-    """A loopback token endpoint that quotes the submitted access key secret back in its
-    error message and requestId, as a careless upstream or proxy might."""
+class _Answering(BaseHTTPRequestHandler):
+    def answer(self, status: int, envelope: dict[str, Any]) -> None:
+        body = json.dumps(envelope).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
-    def __init__(self, status: int, envelope_code: int) -> None:
-        import json
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    def log_message(self, *args: Any) -> None:
+        pass
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                sent = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                echoed = sent.get("accessKeySecret")
-                body = json.dumps(
-                    {
-                        "statusCode": envelope_code,
-                        "message": f"accessKeySecret {echoed} is not valid here",
-                        "apiCode": 2000,
-                        "requestId": f"req-{echoed}",
-                    }
-                ).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
 
-            def log_message(self, *args: Any) -> None:
-                pass
+class _LoopbackUpstream:
+    """A careless upstream on a loopback port, served by ``handler``."""
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
         threading.Thread(  # shutdown() waits up to one poll interval
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         ).start()
 
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+    def error(self) -> UpstreamError:
+        """The UpstreamError of one fetch from it (checked for leaks by ``fail``)."""
+        client = GenAuthClient(
+            base_url=self.base_url, access_key_id=KEY_ID, access_key_secret=SECRET, timeout=2.0
+        )
+        try:
+            return fail(client)
+        finally:
+            client.close()
+            self._server.shutdown()
+            self._server.server_close()
+
+
+def echoing_upstream(status: int, envelope_code: int) -> _LoopbackUpstream:
+    """A token endpoint that quotes the submitted access key secret back in its error message
+    and requestId, as a careless upstream or proxy might."""
+
+    class Handler(_Answering):
+        def do_POST(self) -> None:
+            sent = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            echoed = sent.get("accessKeySecret")
+            envelope = {
+                "statusCode": envelope_code,
+                "message": f"accessKeySecret {echoed} is not valid here",
+                "apiCode": 2000,
+                "requestId": f"req-{echoed}",
+            }
+            self.answer(status, envelope)
+
+    return _LoopbackUpstream(Handler)
 
 
 @pytest.mark.parametrize(
@@ -549,80 +566,35 @@ class EchoingUpstream:
 def test_an_upstream_quoting_the_secret_back_never_gets_it_into_the_error(
     status: int, envelope_code: int, reason: str
 ) -> None:
-    upstream = EchoingUpstream(status, envelope_code)
-    client = GenAuthClient(
-        base_url=upstream.base_url, access_key_id=KEY_ID, access_key_secret=SECRET, timeout=2.0
-    )
-    try:
-        err = fail(client)
-    finally:
-        client.close()
-        upstream.stop()
+    err = echoing_upstream(status, envelope_code).error()
     assert err.reason == reason
     assert "accessKeySecret *** is not valid here" in err.message, "the rest is kept"
     assert err.request_id == "req-***"
 
 
-class TokenQuotingUpstream:
-    """A loopback upstream that issues a token, then answers get-email-provider with an error
-    that quotes the bearer token it got, as a careless gateway might."""
+QUOTED_TOKEN = "Quoted-Bearer-Token-4242"
 
-    TOKEN = "Quoted-Bearer-Token-4242"
 
-    def __init__(self) -> None:
-        import json
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class _TokenQuoting(_Answering):
+    """Issues a token, then answers get-email-provider with an error that quotes the bearer
+    token it got, as a careless gateway might."""
 
-        token = self.TOKEN
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        data = {"access_token": QUOTED_TOKEN, "expires_in": 3600}
+        self.answer(200, {"statusCode": 200, "data": data})
 
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self, status: int, envelope: dict[str, Any]) -> None:
-                body = json.dumps(envelope).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers["Content-Length"]))
-                data = {"access_token": token, "expires_in": 3600}
-                self._answer(200, {"statusCode": 200, "data": data})
-
-            def do_GET(self) -> None:
-                quoted = self.headers.get("Authorization", "").removeprefix("Bearer ")
-                self._answer(
-                    500,
-                    {"statusCode": 500, "message": f"rejected token {quoted}", "requestId": quoted},
-                )
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+    def do_GET(self) -> None:
+        quoted = self.headers.get("Authorization", "").removeprefix("Bearer ")
+        self.answer(
+            500, {"statusCode": 500, "message": f"rejected token {quoted}", "requestId": quoted}
+        )
 
 
 def test_an_upstream_quoting_the_token_back_never_gets_it_into_the_error() -> None:
-    upstream = TokenQuotingUpstream()
-    client = GenAuthClient(
-        base_url=upstream.base_url, access_key_id=KEY_ID, access_key_secret=SECRET, timeout=2.0
-    )
-    try:
-        err = fail(client)
-    finally:
-        client.close()
-        upstream.stop()
+    err = _LoopbackUpstream(_TokenQuoting).error()
     assert err.reason == "http_status"
-    assert TokenQuotingUpstream.TOKEN not in f"{err.message} {err.request_id}"
+    assert QUOTED_TOKEN not in f"{err.message} {err.request_id}"
     assert "rejected token ***" in err.message, "the rest is kept"
 
 
