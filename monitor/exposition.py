@@ -13,6 +13,9 @@ second before then, so the scrape finds the answer made and only sends it.
   render past a second old) or unexpected is rendered as it asks, as without any of this.
 - A render serves every scraper within its second; only the forms asked for (plain, gzip)
   are made and kept.
+- Scrapers are told apart by address: two behind one proxy look like one scraper with an
+  irregular period, so their renders ahead come at the wrong times (at most one wasted render
+  per scrape) and they are answered as without any of this.
 - At most 16 scrapers are remembered (the least recent forgotten), and one not seen for
   10 minutes is expected no more.
 """
