@@ -290,6 +290,7 @@ class LineRefresher:
     def __init__(self, metrics: Metrics, ahead: Ahead | None = None) -> None:
         self._metrics = metrics
         self._ahead = ahead
+        self._ahead_failed = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -305,15 +306,7 @@ class LineRefresher:
     def _loop(self) -> None:
         ahead = self._ahead
         refresh_at = time.monotonic() + self.EVERY
-        while True:
-            wait = refresh_at - time.monotonic()
-            if ahead is not None:
-                # A scrape just made expects the next one: looked at four times a second, so
-                # even a scraper every second or two gets its render ahead in time.
-                soon = ahead.ahead_in()
-                wait = min(wait, self.LOOK_AHEAD, self.LOOK_AHEAD if soon is None else soon)
-            if self._stop.wait(max(wait, 0.0)):
-                return
+        while not self._stop.wait(max(self._wait(refresh_at), 0.0)):
             try:
                 if ahead is not None and ahead.render_ahead():
                     refresh_at = time.monotonic() + self.EVERY  # the render redid the lines
@@ -323,6 +316,22 @@ class LineRefresher:
             except Exception:  # a bug of ours: a scrape still renders, and says so itself
                 log.exception("refreshing the /metrics lines failed")
                 refresh_at = time.monotonic() + self.EVERY
+
+    def _wait(self, refresh_at: float) -> float:
+        """Seconds until the next refresh, or sooner the next render ahead. The next scrape is
+        looked for four times a second (a scrape made meanwhile expects the next one), so
+        even a scraper every second or two gets its render ahead in time."""
+        wait = refresh_at - time.monotonic()
+        if self._ahead is None:
+            return wait
+        try:
+            soon = self._ahead.ahead_in()
+        except Exception:  # a bug of ours: no render ahead, scrapes render as they come
+            if not self._ahead_failed:  # once, not four times a second
+                log.exception("looking for the next scrape failed")
+            self._ahead_failed = True
+            soon = None
+        return min(wait, self.LOOK_AHEAD, self.LOOK_AHEAD if soon is None else soon)
 
 
 class _TargetCollector:
@@ -461,6 +470,7 @@ _SAMPLE_NAMES: tuple[str, ...] = tuple(
 # them back between the lines (a third of the cache, 3 MB at 10,000 targets, was those names).
 _STARTS: tuple[bytes, ...] = tuple(f"{name}{{".encode() for name in _SAMPLE_NAMES)
 _BETWEEN: tuple[str, ...] = tuple(f"\n{name}{{" for name in _SAMPLE_NAMES)
+_BETWEEN_BYTES: tuple[bytes, ...] = tuple(between.encode() for between in _BETWEEN)
 
 
 def _family_text(family: int, column: list[bytes]) -> list[bytes]:
@@ -468,8 +478,7 @@ def _family_text(family: int, column: list[bytes]) -> list[bytes]:
     present = list(filter(None, column))
     if not present:
         return [_HEADERS[family]]
-    between = _BETWEEN[family].encode()
-    return [_HEADERS[family], _STARTS[family], between.join(present), b"\n"]
+    return [_HEADERS[family], _STARTS[family], _BETWEEN_BYTES[family].join(present), b"\n"]
 
 
 class _TargetText:

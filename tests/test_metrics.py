@@ -165,3 +165,33 @@ def test_the_line_refresher_renders_ahead_when_a_scrape_is_due_not_at_its_tick()
     late = ahead.rendered_at[0] - ahead.due
     assert 0 <= late < 0.2, f"rendered {late:.3f} s after it was due"
     assert len(ahead.rendered_at) == 1
+
+
+class _BrokenAhead:
+    def ahead_in(self) -> float | None:
+        raise RuntimeError("a bug")
+
+    def render_ahead(self) -> bool:
+        return False
+
+
+def test_a_failing_ahead_leaves_the_refresh_going_and_says_so_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    metrics = _metrics("a-pool")
+    _same(metrics)
+    metrics.observe_poll("a-pool", "success", 0.5)
+    refresher = LineRefresher(metrics, ahead=_BrokenAhead())
+    refresher.EVERY = 0.05
+    with caplog.at_level("ERROR", logger="monitor.metrics"):
+        refresher.start()
+        try:
+            line = 'genauth_monitor_last_poll_duration_seconds{target="a-pool"} 0.5'
+            # The refresh redid the line: a render finds it without redoing anything.
+            wait_for(lambda: metrics._text._versions[0] == 1, timeout=5, what="a refresh")
+            time.sleep(0.6)  # a few looks for the next scrape, each failing
+        finally:
+            refresher.stop()
+    assert line in _same(metrics)
+    failures = [r for r in caplog.records if "next scrape" in r.getMessage()]
+    assert len(failures) == 1, failures
