@@ -42,6 +42,7 @@ from monitor.startup import lock_sqlite
 from monitor.storage import Queries, Store, create_store_engine, upgrade
 from monitor.storage.attribution import Attributions
 from monitor.storage.claims import ClaimStore, Member, MirroredState
+from monitor.storage.migrate_apart import upgrade_apart
 from monitor.storage.outbox import Outbox
 from monitor.timeutil import Clock, utc_now
 
@@ -299,14 +300,20 @@ class Daemon:
         *,
         clock: Clock = utc_now,
         starting: StartingServer | None = None,
+        migrate_apart: bool = False,
     ) -> None:
         """``starting``: the server answering /healthz on the listen socket while this is
-        built (``run``); :meth:`start` takes the socket over from it. Keeps nothing of
+        built (``run``); :meth:`start` takes the socket over from it. ``migrate_apart``
+        (``run``): migrate in a child process, so Alembic never enters this one. Keeps nothing of
         ``settings`` but what the running daemon reads."""
         _return_big_buffers_to_the_os()
         self._starting = starting
         # SQLite has one daemon: a second one stops here, before it migrates anything.
         self._sqlite_lock: TextIO | None = lock_sqlite(settings)
+        if migrate_apart:
+            # Under the lock: of two daemons started at once on one SQLite file, the one
+            # refused never migrates. Alembic stays in the child (storage/migrate_apart.py).
+            upgrade_apart(settings.storage.url)
         self._clock = clock
         self.recorder = Recorder()
         self.replica_name = settings.cluster.replica_name or default_replica_name()

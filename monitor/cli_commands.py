@@ -121,7 +121,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from monitor.keyfile import fingerprint_key
     from monitor.listen import StartingServer
     from monitor.startup import check_listen, check_sqlite_free, open_storage
-    from monitor.storage.migrate_apart import upgrade_apart
 
     # Everything that can be found wrong before the daemon does anything is exit code 2 with a
     # line naming the key: the listen address, the database, the fingerprint key file.
@@ -133,10 +132,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # /healthz (process alive) answers from here; /readyz says 503 until the scheduler runs.
     starting = StartingServer.open(settings.server.host, settings.server.port)
     try:
-        upgrade_apart(settings.storage.url)  # Alembic never enters the daemon's memory
         from monitor.app import Daemon, settle_the_heap  # the web stack and the storage
 
-        daemon = Daemon(settings, starting=starting)
+        daemon = Daemon(settings, starting=starting, migrate_apart=True)
     except BaseException:
         starting.close()
         raise

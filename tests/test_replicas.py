@@ -312,6 +312,10 @@ def test_a_second_daemon_on_one_sqlite_file_exits_2_naming_the_first(
     try:
         wait_for(lambda: (tmp_path / "monitor.db.lock").exists() and first.poll() is None)
         wait_for(lambda: (tmp_path / "monitor.db").exists(), what="the first daemon's database")
+        wait_for(
+            lambda: requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).ok,
+            what="the first daemon ready",
+        )
         # Another config (its own listen address) for the same database file.
         (tmp_path / "second").mkdir()
         other = write_config(
