@@ -15,6 +15,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -40,6 +41,20 @@ EVENT_FIELDS = {
     "attribution",
     "actors",
 }
+
+
+class QuietJsonHandler(BaseHTTPRequestHandler):
+    """The handler of a test's own loopback server: JSON answers, no request log on stderr."""
+
+    def send_json(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
 
 
 def free_port() -> int:

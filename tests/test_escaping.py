@@ -18,7 +18,7 @@ import sys
 import threading
 import unicodedata
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from monitor.logs import JsonFormatter, TextFormatter, setup_logging
 from monitor.simulator import SimulatedGenAuth
 from monitor.storage.queries import EventView
 from monitor.timeutil import format_time, utc_now
-from tests.helpers import runtime_settings, write_config
+from tests.helpers import QuietJsonHandler, runtime_settings, write_config
 from tests.receiver import Receiver
 
 SECRET = "Escaping-Access-Secret-123"
@@ -314,19 +314,12 @@ class _HostileUpstream:
             ensure_ascii=False,
         ).encode()
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietJsonHandler):
             def _answer(self) -> None:
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.send_json(200, body)
 
             do_GET = do_POST = _answer
-
-            def log_message(self, *args: Any) -> None:
-                pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True

@@ -28,6 +28,7 @@ from monitor.simulator import (
     SimulatedGenAuth,
     run_scenario,
 )
+from tests.helpers import QuietJsonHandler
 
 KEY_ID = "pool-6f1c0a"
 SECRET = "Sup3r-S3cret-AccessKey-Value-42"
@@ -503,17 +504,9 @@ def test_overflowing_number_is_not_json(sim: SimulatedGenAuth, make_client: Clie
     assert caught.value.reason == "invalid_response"
 
 
-class _Answering(BaseHTTPRequestHandler):
+class _Answering(QuietJsonHandler):
     def answer(self, status: int, envelope: dict[str, Any]) -> None:
-        body = json.dumps(envelope).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+        self.send_json(status, json.dumps(envelope).encode())
 
 
 class _LoopbackUpstream:

@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from monitor.httpio import HttpFailure, bounded_request, bounded_session
+from tests.helpers import QuietJsonHandler
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 
@@ -37,19 +38,11 @@ def _certificate(directory: Path, name: str) -> tuple[Path, Path]:
     return cert, key
 
 
-class _Ok(http.server.BaseHTTPRequestHandler):
+class _Ok(QuietJsonHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
-        body = b'{"ok":true}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+        self.send_json(200, b'{"ok":true}')
 
 
 @pytest.fixture(scope="module")
