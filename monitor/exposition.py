@@ -49,8 +49,6 @@ class Exposition:
     """``render`` gives the plain text; ``render_gzip`` the same compressed (by default
     ``render``'s, compressed); ``clock`` is monotonic seconds."""
 
-    MAX_AGE = MAX_AGE
-
     def __init__(
         self,
         render: Callable[[], bytes],
@@ -71,9 +69,7 @@ class Exposition:
         with self._lock:
             now = self._clock()
             self._saw((scraper, gzipped), now)
-            if now - self._at > self.MAX_AGE:
-                self._plain = self._gzip = None
-                self._at = now
+            self._fresh_for(now, now)
             return self._made(gzipped)
 
     def ahead_in(self) -> float | None:
@@ -94,9 +90,7 @@ class Exposition:
             for _, seen in due:
                 seen.ready = True
             # A render still young enough at the scrape (another scraper's, just made) serves.
-            if now + LEAD - self._at > self.MAX_AGE:
-                self._plain = self._gzip = None
-                self._at = now
+            self._fresh_for(now + LEAD, now)
             for gzipped in sorted({gzipped for gzipped, _ in due}):
                 self._made(gzipped)
             return True
@@ -114,6 +108,13 @@ class Exposition:
         self._scrapers[key] = _Scraper(now, None if seen is None else now - seen.last)
         while len(self._scrapers) > MAX_SCRAPERS:
             del self._scrapers[next(iter(self._scrapers))]  # the least recent
+
+    def _fresh_for(self, moment: float, now: float) -> None:
+        """Drop the render kept if it would be past MAX_AGE at ``moment``; the next one made is
+        of ``now``."""
+        if moment - self._at > MAX_AGE:
+            self._plain = self._gzip = None
+            self._at = now
 
     def _made(self, gzipped: bool) -> bytes:
         if not gzipped:
