@@ -443,3 +443,16 @@ def test_each_scraper_is_expected_on_its_own_period() -> None:
             due.append(round(now[0], 2))
     assert due == [60 - LEAD, 70 - LEAD, 80 - LEAD], due
     assert len(renders) == 9, "one render ahead for each"
+
+
+def test_a_render_ahead_is_made_anew_when_the_kept_one_would_be_stale_at_the_scrape() -> None:
+    cache, renders, now = _numbered_renders(0.0)
+    cache.get(gzipped=False, scraper="a")
+    now[0] = 1.05
+    cache.get(gzipped=False, scraper="a")  # a render of 1.05; the next scrape due at 2.1
+    assert len(renders) == 2
+    now[0] = 2.1 - LEAD
+    # The kept render is 0.8 s old now but would be 1.05 s old at the scrape: made anew.
+    assert cache.render_ahead() and len(renders) == 3
+    now[0] = 2.1
+    assert cache.get(gzipped=False, scraper="a") == b"render 2\n" and len(renders) == 3
