@@ -127,7 +127,57 @@ def with_per_worker(targets: int, interval: float, counter: _Counter) -> Callabl
     return end
 
 
-VARIANTS = {"apscheduler": with_apscheduler, "pool": with_pool, "per-worker": with_per_worker}
+def with_leader(targets: int, interval: float, counter: _Counter) -> Callable[[], None]:
+    lock = threading.Lock()
+    leader_cv = threading.Condition(lock)
+    followers = threading.Condition(lock)
+    stopped = [False]
+    has_leader = [False]
+    start = time.monotonic()
+    heap = [(start + interval * i / targets, i) for i in range(targets)]
+
+    def work() -> None:
+        with lock:
+            while not stopped[0]:
+                if has_leader[0]:
+                    followers.wait()
+                    continue
+                wait = heap[0][0] - time.monotonic()
+                if wait > 0:
+                    has_leader[0] = True
+                    leader_cv.wait(wait)
+                    has_leader[0] = False
+                    continue
+                at, i = heapq.heappop(heap)
+                followers.notify()
+                lock.release()
+                try:
+                    counter.poll()
+                finally:
+                    lock.acquire()
+                heapq.heappush(heap, (at + interval, i))
+
+    threads = [threading.Thread(target=work) for _ in range(WORKERS)]
+    for thread in threads:
+        thread.start()
+
+    def end() -> None:
+        with lock:
+            stopped[0] = True
+            leader_cv.notify_all()
+            followers.notify_all()
+        for thread in threads:
+            thread.join()
+
+    return end
+
+
+VARIANTS = {
+    "apscheduler": with_apscheduler,
+    "pool": with_pool,
+    "per-worker": with_per_worker,
+    "leader": with_leader,
+}
 
 
 def measure(name: str, targets: int, interval: float, seconds: float) -> float:
