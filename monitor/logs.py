@@ -90,7 +90,6 @@ def setup_logging(*, level: str = "info", fmt: str = "text", stream: TextIO | No
     root.setLevel(level.upper())
     for noisy in (
         "alembic",
-        "apscheduler",
         "uvicorn",
         "uvicorn.access",
         "uvicorn.error",

@@ -1,15 +1,24 @@
-"""APScheduler wiring: one job per target on a grid of slots, never overlapping, with jitter
-and backoff.
+"""The poll scheduler: every target on a grid of slots, never overlapping, with jitter and
+backoff, run by a few worker threads over one heap of next runs.
 
 Each target polls once per **slot**: slot ``k`` is ``origin + k * interval``, and its run is
 placed at a random offset within ``+- jitter * interval / 2`` of the slot. Jitter spreads the
 runs and never adds up, so the mean period is exactly ``interval``. The origins of the targets
 are spread over ``min(interval, 30 s)`` from start, so many targets never poll in one burst.
+Missed slots (a process stopped, a poll longer than its interval) are coalesced: a target is
+polled once for them, never once per slot, and two polls of one target never overlap.
 
-After a failed poll the job is rescheduled to the first slot at or after its backoff (SPEC §3:
+After a failed poll the target waits for the first slot at or after its backoff (SPEC §3:
 retried with backoff); a success returns it to every slot. A watchdog thread fails polls past
 their deadline (:meth:`TargetPoller.expire_if_overdue`), and moves every schedule along when
 the wall clock jumps, so a clock set back by a day never stops polling for a day.
+
+How it runs: leader and followers over one heap. One idle worker, the leader, sleeps until the
+earliest next run; when it is due it takes that target, hands the lead to another idle worker
+and polls. So whichever worker is free takes the next due target (one hung upstream never holds
+up the others behind it), and each poll costs one wake-up and one hand-off. This replaced
+APScheduler, whose scheduler thread, job store and executor futures cost about 250 µs of CPU
+per poll, more than the poll's own work (``bench/scheduling.py``, ``docs/benchmarks.md``).
 
 With replicas (``claimed=True``, :mod:`monitor.cluster`) no target is scheduled at start: the
 cluster calls :meth:`~PollScheduler.hold` for each target this replica claims and
@@ -21,7 +30,7 @@ keeps its slots and is polled once per interval across the handover.
 
 from __future__ import annotations
 
-import contextlib
+import heapq
 import logging
 import math
 import threading
@@ -30,24 +39,27 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
-
-from apscheduler.executors.pool import ThreadPoolExecutor
-from apscheduler.jobstores.base import JobLookupError
-from apscheduler.schedulers.background import BackgroundScheduler
-from apscheduler.triggers.base import BaseTrigger
+from typing import Final
 
 from monitor.core.backoff import backoff
 from monitor.service import PollResult, TargetPoller
 from monitor.timeutil import utc_now
 
-__all__ = ["PollScheduler", "ScheduledTarget", "SlotTrigger", "backoff_delay", "shared_grid"]
+__all__ = [
+    "PollScheduler",
+    "ScheduledTarget",
+    "SlotTrigger",
+    "backoff_delay",
+    "next_run",
+    "shared_grid",
+]
 
 log = logging.getLogger("monitor.scheduler")
 
 WATCH_EVERY = 0.5  # seconds between the watchdog's looks at the polls in flight
 FIRST_SPREAD_MAX = 30.0  # the first polls of all targets are spread over at most this
 CLOCK_JUMP = 5.0  # seconds of difference between wall and monotonic time that count as a jump
+WAIT_MAX = 60.0  # the leader looks at the heap at least this often, whatever it expects
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +83,7 @@ def backoff_delay(
     return max(delay, min(retry_after or 0.0, ceiling))
 
 
-class SlotTrigger(BaseTrigger):  # type: ignore[misc]  # APScheduler has no types
+class SlotTrigger:
     """Fires once per slot ``origin + k * interval``, each run offset at random within
     ``+- jitter * interval / 2`` of its slot, and never before ``not_before``."""
 
@@ -91,9 +103,7 @@ class SlotTrigger(BaseTrigger):  # type: ignore[misc]  # APScheduler has no type
             offset = _unit(self.seed * 1_000_003 + k) - 0.5
         return self.origin + timedelta(seconds=self.interval * (k + offset * self.jitter))
 
-    def get_next_fire_time(
-        self, previous_fire_time: datetime | None, now: datetime
-    ) -> datetime | None:
+    def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime:
         after = previous_fire_time or (self.origin - timedelta(seconds=self.interval))
         # Far behind (a process stopped for a while): missed slots are coalesced anyway, so
         # start from the last one instead of stepping through each.
@@ -114,13 +124,6 @@ class SlotTrigger(BaseTrigger):  # type: ignore[misc]  # APScheduler has no type
         self.origin += delta
         if self.not_before is not None:
             self.not_before += delta
-
-    def __getstate__(self) -> dict[str, Any]:  # APScheduler's interface (job stores)
-        return {name: getattr(self, name) for name in self.__slots__}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        for name, value in state.items():
-            setattr(self, name, value)
 
     def __repr__(self) -> str:
         return f"SlotTrigger(interval={self.interval:g}s, jitter={self.jitter:g})"
@@ -154,64 +157,42 @@ def _first_spread(interval: float) -> float:
     return min(interval, FIRST_SPREAD_MAX)
 
 
-class _Job:
-    """The callable APScheduler runs for one target; after a failure it moves its own next
-    run to the first slot after the backoff."""
+def next_run(
+    trigger: SlotTrigger, result: PollResult | None, *, fired: datetime, now: datetime, cap: float
+) -> datetime:
+    """When a target polls next, its poll of the run at ``fired`` having ended at ``now`` with
+    ``result`` (``None``: the poll crashed, which counts as nothing): the next slot after a
+    success, the first slot at or after the backoff after a failure."""
+    if result is None or result.ok:
+        trigger.not_before = None
+        return trigger.get_next_fire_time(fired, now)
+    retry_after = result.error.retry_after if result.error is not None else None
+    interval = trigger.interval
+    delay = backoff_delay(
+        interval=interval, failures=result.failures_in_a_row, cap=cap, retry_after=retry_after
+    )
+    # Half an interval of slack lets the slot at `delay` through although this poll took a
+    # moment; the upstream's Retry-After is never cut short.
+    wait = max(delay - interval * 0.5, min(retry_after or 0.0, delay))
+    trigger.not_before = now + timedelta(seconds=wait)
+    return trigger.get_next_fire_time(now, now)
 
-    def __init__(
-        self,
-        target: ScheduledTarget,
-        trigger: SlotTrigger,
-        cap: float,
-        reschedule: Callable[[str, datetime], None],
-        running: dict[str, TargetPoller],
-        now: Callable[[], datetime] = utc_now,
-    ) -> None:
-        self._target = target
-        self._trigger = trigger
-        self._cap = cap
-        self._reschedule = reschedule
-        self._running = running
-        self._now = now
 
-    def __call__(self) -> None:
-        poller = self._target.poller
-        # For the watchdog, which then looks at the polls in flight only, not at every target.
-        self._running[poller.name] = poller
-        try:
-            result = poller.poll()
-        except Exception:  # poll() turns its own bugs into failed polls; this is the last net
-            log.exception("poll crashed", extra={"target": poller.name})
-            return
-        finally:
-            self._running.pop(poller.name, None)
-        self._plan_next(result)
+@dataclass(eq=False, slots=True)
+class _Entry:
+    """One target as the scheduler holds it; replaced whole by :meth:`PollScheduler.hold`."""
 
-    def _plan_next(self, result: PollResult) -> None:
-        trigger = self._trigger
-        if result.ok:
-            trigger.not_before = None
-            return
-        retry_after = result.error.retry_after if result.error is not None else None
-        interval = self._target.interval
-        delay = backoff_delay(
-            interval=interval,
-            failures=result.failures_in_a_row,
-            cap=self._cap,
-            retry_after=retry_after,
-        )
-        # Half an interval of slack lets the slot at `delay` through although this poll took
-        # a moment; the upstream's Retry-After is never cut short.
-        wait = max(delay - interval * 0.5, min(retry_after or 0.0, delay))
-        now = self._now()
-        trigger.not_before = now + timedelta(seconds=wait)
-        following = trigger.get_next_fire_time(now, now)
-        assert following is not None
-        self._reschedule(self._target.poller.name, following)
+    target: ScheduledTarget
+    trigger: SlotTrigger
+    at: datetime  # its next run, or while it polls the run being polled
+    seq: int = 0  # the heap item that is current; any other item of this entry is stale
+    live: bool = True  # False once dropped or replaced
+    polling: bool = False
 
 
 class PollScheduler:
-    """One slot-trigger job per target; the first polls spread over min(interval, 30 s)."""
+    """Leader/followers over one heap of next runs; the first polls spread over
+    min(interval, 30 s)."""
 
     def __init__(
         self,
@@ -225,48 +206,52 @@ class PollScheduler:
     ) -> None:
         self._claimed = claimed
         self._by_name = {target.poller.name: target for target in targets}
-        self._scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(max_workers=max_workers)},
-            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
-            timezone="UTC",
-        )
         self._targets = list(targets)
         self._backoff_max = backoff_max
+        self._workers = max_workers
         self._now = now
         self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)  # the leader's: an earlier run, or stop
+        self._idle = threading.Condition(self._lock)  # the followers': the lead is free
+        self._leading = False
+        self._heap: list[tuple[datetime, int, _Entry]] = []
+        self._seq = 0
+        self._entries: dict[str, _Entry] = {}
+        self._started = False
         self._stop = threading.Event()
-        self._watchdog: threading.Thread | None = None
-        self.triggers: dict[str, SlotTrigger] = {}
-        # The pollers whose poll is running now, by name (set and cleared by their jobs).
+        # The pollers whose poll is running now, by name: for the watchdog, which then looks
+        # at the polls in flight only, not at every target.
         self._running: dict[str, TargetPoller] = {}
 
     @property
     def running(self) -> bool:
-        return bool(self._scheduler.running)
+        return self._started and not self._stop.is_set()
+
+    @property
+    def triggers(self) -> dict[str, SlotTrigger]:
+        with self._lock:
+            return {name: entry.trigger for name, entry in self._entries.items()}
 
     def start(self) -> None:
         now = self._now()
         count = len(self._targets)
-        for index, target in enumerate([] if self._claimed else self._targets):
-            name = target.poller.name
-            # Evenly spread first polls: index / count of the spread window.
-            first = now + timedelta(seconds=_first_spread(target.interval) * index / count)
-            trigger = SlotTrigger(
-                interval=target.interval, jitter=target.jitter, origin=first, seed=index
-            )
-            self.triggers[name] = trigger
-            self._scheduler.add_job(
-                _Job(
-                    target, trigger, self._backoff_max, self._reschedule, self._running, self._now
-                ),
-                trigger,
-                id=name,
-                name=f"poll {name}",
-                next_run_time=first,
-            )
-        self._scheduler.start()
-        self._watchdog = threading.Thread(target=self._watch, name="poll-watchdog", daemon=True)
-        self._watchdog.start()
+        with self._lock:
+            for index, target in enumerate([] if self._claimed else self._targets):
+                # Evenly spread first polls: index / count of the spread window.
+                first = now + timedelta(seconds=_first_spread(target.interval) * index / count)
+                trigger = SlotTrigger(
+                    interval=target.interval, jitter=target.jitter, origin=first, seed=index
+                )
+                self._enter(target, trigger, first)
+        self._started = True
+        threads = [
+            threading.Thread(target=self._work, name=f"poll-{index}", daemon=True)
+            for index in range(self._workers)
+        ]
+        threads.append(threading.Thread(target=self._watch, name="poll-watchdog", daemon=True))
+        for thread in threads:
+            thread.start()
 
     def hold(self, name: str, *, not_before: datetime, skew: timedelta, soon: bool = False) -> None:
         """Poll ``name`` from its first shared slot at or after ``not_before`` (local time);
@@ -283,41 +268,117 @@ class PollScheduler:
         if soon:
             spread = _first_spread(target.interval) * seed / 2**32
             first = max(now, not_before) + timedelta(seconds=spread)
-        self.triggers[name] = trigger
-        self._scheduler.add_job(
-            _Job(target, trigger, self._backoff_max, self._reschedule, self._running, self._now),
-            trigger,
-            id=name,
-            name=f"poll {name}",
-            next_run_time=first,
-            replace_existing=True,
-        )
+        with self._lock:
+            self._retire(name)
+            self._enter(target, trigger, first)
 
     def drop(self, name: str) -> None:
         """Poll ``name`` no more (a poll in flight finishes; its outcome is recorded)."""
-        self.triggers.pop(name, None)
-        with contextlib.suppress(JobLookupError):
-            self._scheduler.remove_job(name)
+        with self._lock:
+            self._retire(name)
 
-    def _reschedule(self, name: str, when: datetime) -> None:
-        if self._scheduler.running:
-            # Dropped while its poll ran: another replica has it now.
-            with contextlib.suppress(JobLookupError):
-                self._scheduler.modify_job(name, next_run_time=when)
-
-    def next_run_times(self) -> dict[str, datetime | None]:
-        return {job.id: job.next_run_time for job in self._scheduler.get_jobs()}
+    def next_run_times(self) -> dict[str, datetime]:
+        with self._lock:
+            return {name: entry.at for name, entry in self._entries.items()}
 
     def shift(self, delta: timedelta) -> None:
         """The wall clock jumped by ``delta``: move every grid and next run along with it, so
         each target's next poll stays as far ahead in real time as it was."""
-        for job in self._scheduler.get_jobs():
-            trigger = self.triggers.get(job.id)
-            if trigger is not None:
-                trigger.shift(delta)
-            if job.next_run_time is not None:
-                job.modify(next_run_time=job.next_run_time + delta)
-        self._scheduler.wakeup()
+        with self._lock:
+            self._heap.clear()
+            for entry in self._entries.values():
+                entry.trigger.shift(delta)
+                entry.at += delta
+                if not entry.polling:
+                    self._queue(entry, entry.at)
+            self._wake.notify()
+
+    def shutdown(self) -> None:
+        """Stop at once. A poll in flight is not waited for: the daemon aborts its HTTP
+        requests, and its outcome, if any, is written like any other."""
+        self._stop.set()
+        with self._lock:
+            self._wake.notify_all()
+            self._idle.notify_all()
+
+    # -- under the lock ----------------------------------------------------------------------
+
+    def _enter(self, target: ScheduledTarget, trigger: SlotTrigger, first: datetime) -> None:
+        entry = _Entry(target, trigger, first)
+        self._entries[target.poller.name] = entry
+        self._queue(entry, first)
+
+    def _retire(self, name: str) -> None:
+        entry = self._entries.pop(name, None)
+        if entry is not None:
+            entry.live = False  # its heap item is skipped; a poll in flight is not requeued
+
+    def _queue(self, entry: _Entry, at: datetime) -> None:
+        self._seq += 1
+        entry.at, entry.seq = at, self._seq
+        item = (at, self._seq, entry)
+        heapq.heappush(self._heap, item)
+        if self._heap[0] is item:
+            self._wake.notify()  # earlier than what the leader sleeps for
+
+    def _take_due(self) -> tuple[_Entry | None, float | None]:
+        """The due entry to poll now, marked as polling; else how long until the next one
+        (``None``: nothing is scheduled)."""
+        heap = self._heap
+        while heap:
+            at, seq, entry = heap[0]
+            if not entry.live or entry.seq != seq:
+                heapq.heappop(heap)
+                continue
+            now = self._now()
+            wait = (at - now).total_seconds()
+            if wait > 0:
+                return None, min(wait, WAIT_MAX)
+            heapq.heappop(heap)
+            poller = entry.target.poller
+            if poller.name in self._running:
+                # Held anew while the entry it replaced still polls: never two polls of one
+                # target at once, this run is coalesced into the next slot.
+                self._queue(entry, entry.trigger.get_next_fire_time(at, now))
+                continue
+            entry.polling = True
+            self._running[poller.name] = poller
+            return entry, None
+        return None, None
+
+    def _finish(self, entry: _Entry, result: PollResult | None) -> None:
+        entry.polling = False
+        self._running.pop(entry.target.poller.name, None)
+        if entry.live:
+            now = self._now()
+            self._queue(
+                entry,
+                next_run(entry.trigger, result, fired=entry.at, now=now, cap=self._backoff_max),
+            )
+
+    # -- threads -----------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        """A worker: the leader sleeps until the next run is due, takes it, passes the lead
+        on and polls; the others wait for the lead."""
+        with self._lock:
+            while not self._stop.is_set():
+                if self._leading:
+                    self._idle.wait()
+                    continue
+                entry, wait = self._take_due()
+                if entry is None:
+                    self._leading = True
+                    self._wake.wait(wait)
+                    self._leading = False
+                    continue
+                self._idle.notify()
+                self._lock.release()
+                try:
+                    result = _poll(entry.target.poller)
+                finally:
+                    self._lock.acquire()
+                self._finish(entry, result)
 
     def _watch(self) -> None:
         """Count polls that overran their deadline as failed, whatever they are stuck in (a
@@ -339,9 +400,10 @@ class PollScheduler:
                 log.warning("wall clock jumped; schedules follow", extra={"seconds": round(jump)})
                 self.shift(timedelta(seconds=jump))
 
-    def shutdown(self) -> None:
-        self._stop.set()
-        if self._scheduler.running:
-            # Do not wait for a poll in flight: the daemon aborts its HTTP requests, and its
-            # outcome, if any, is written like any other.
-            self._scheduler.shutdown(wait=False)
+
+def _poll(poller: TargetPoller) -> PollResult | None:
+    try:
+        return poller.poll()
+    except Exception:  # poll() turns its own bugs into failed polls; this is the last net
+        log.exception("poll crashed", extra={"target": poller.name})
+        return None

@@ -6,13 +6,20 @@ import itertools
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from monitor.errors import UpstreamError
 from monitor.genauth import GenAuthClient
-from monitor.scheduler import PollScheduler, ScheduledTarget, SlotTrigger, _Job, backoff_delay
+from monitor.scheduler import (
+    PollScheduler,
+    ScheduledTarget,
+    SlotTrigger,
+    backoff_delay,
+    next_run,
+)
 from monitor.service import PollResult
 from monitor.simulator import SimulatedGenAuth
 
@@ -41,27 +48,14 @@ class _Poller:
 
 
 def _fire_times(poller: _Poller, *, interval: float, runs: int) -> list[float]:
-    """Seconds (from the first) at which the job runs, stepping APScheduler's part by hand:
-    the trigger's next slot, unless the job rescheduled itself."""
+    """Seconds (from the first) at which the target polls, each poll taking no time."""
     origin = datetime(2026, 1, 1, tzinfo=UTC)
-    clock = [origin]
+    clock = origin
     trigger = SlotTrigger(interval=interval, jitter=0.0, origin=origin, seed=0)
-    moved: list[datetime] = []
-    job = _Job(
-        ScheduledTarget(poller, interval, 0),  # type: ignore[arg-type]
-        trigger,
-        1000,
-        lambda _name, when: moved.append(when),
-        {},
-        lambda: clock[0],
-    )
     fired = []
     for _ in range(runs):
-        fired.append((clock[0] - origin).total_seconds())
-        following = trigger.get_next_fire_time(clock[0], clock[0])
-        job()
-        assert following is not None
-        clock[0] = moved.pop() if moved else following
+        fired.append((clock - origin).total_seconds())
+        clock = next_run(trigger, poller.poll(), fired=clock, now=clock, cap=1000)
     return fired
 
 
@@ -96,43 +90,6 @@ def test_jitter_spreads_runs_around_their_slots_and_never_adds_up() -> None:
     assert statistics.pstdev(gaps) > 1, "runs are spread"
 
 
-class _Idle:
-    """A poller that is never due to be watched (the tests look at schedules only)."""
-
-    deadline = 20.0
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def poll(self) -> PollResult:
-        return PollResult(self.name, True)
-
-    def expire_if_overdue(self, now: float) -> bool:
-        return False
-
-
-def _seconds_after(start: datetime, run_time: datetime | None) -> float:
-    assert run_time is not None, "every target is scheduled"
-    return (run_time - start).total_seconds()
-
-
-def test_first_polls_spread_over_the_interval_at_most_30_seconds() -> None:
-    now = datetime.now(UTC) + timedelta(hours=1)  # nothing runs during the test
-    targets = [
-        ScheduledTarget(_Idle(f"t{i}"), 60, 0.1)  # type: ignore[arg-type]
-        for i in range(100)
-    ]
-    scheduler = PollScheduler(targets, backoff_max=900, now=lambda: now)
-    scheduler.start()
-    try:
-        firsts = sorted(_seconds_after(now, t) for t in scheduler.next_run_times().values())
-    finally:
-        scheduler.shutdown()
-    assert firsts[0] == 0 and 29 < firsts[-1] < 30
-    gaps = [b - a for a, b in itertools.pairwise(firsts)]
-    assert max(gaps) - min(gaps) < 0.01, "no burst, no gap"
-
-
 class _Stuck:
     """A poller whose poll hangs until released; it counts the watchdog's looks at it."""
 
@@ -158,15 +115,41 @@ class _Stuck:
         return True
 
 
+def _seconds_after(start: datetime, run_time: datetime | None) -> float:
+    assert run_time is not None, "every target is scheduled"
+    return (run_time - start).total_seconds()
+
+
+def _scheduled(
+    pollers: list[_Stuck], interval: float, now: Callable[[], datetime], *, jitter: float = 0.1
+) -> PollScheduler:
+    targets = [ScheduledTarget(poller, interval, jitter) for poller in pollers]  # type: ignore[arg-type]
+    return PollScheduler(targets, backoff_max=900, now=now)
+
+
+def test_first_polls_spread_over_the_interval_at_most_30_seconds() -> None:
+    # The clock stands still: the first target is due at once and hangs, so it stays at its
+    # first run; no other is ever due.
+    now = datetime.now(UTC)
+    pollers = [_Stuck(f"t{i}") for i in range(100)]
+    scheduler = _scheduled(pollers, 60, lambda: now)
+    scheduler.start()
+    try:
+        firsts = sorted(_seconds_after(now, t) for t in scheduler.next_run_times().values())
+    finally:
+        scheduler.shutdown()
+        for poller in pollers:
+            poller.release.set()
+    assert firsts[0] == 0 and 29 < firsts[-1] < 30
+    gaps = [b - a for a, b in itertools.pairwise(firsts)]
+    assert max(gaps) - min(gaps) < 0.01, "no burst, no gap"
+
+
 def test_the_watchdog_fails_a_stuck_poll_and_looks_only_at_polls_in_flight() -> None:
     stuck = _Stuck("stuck")
-    idle = _Stuck("idle")  # due in an hour: never in flight, so never looked at
+    idle = _Stuck("idle")  # due in 15 s of a clock that stands still: never in flight
     now = datetime.now(UTC)
-    scheduler = PollScheduler(
-        [ScheduledTarget(stuck, 3600, 0), ScheduledTarget(idle, 3600, 0)],  # type: ignore[arg-type]
-        backoff_max=900,
-        now=lambda: now,
-    )
+    scheduler = _scheduled([stuck, idle], 3600, lambda: now)
     scheduler.start()
     try:
         assert stuck.expired.wait(5), "the stuck poll was counted as failed"
@@ -179,20 +162,127 @@ def test_the_watchdog_fails_a_stuck_poll_and_looks_only_at_polls_in_flight() -> 
 
 
 def test_a_wall_clock_jump_moves_every_schedule_along() -> None:
-    wall = [datetime.now(UTC) + timedelta(hours=1)]
-    target = ScheduledTarget(_Idle("t0"), 60, 0)  # type: ignore[arg-type]
-    scheduler = PollScheduler([target], backoff_max=900, now=lambda: wall[0])
+    wall = datetime.now(UTC)
+    polling, waiting = _Stuck("t0"), _Stuck("t1")  # t0 polls (and hangs) at once, t1 in 15 s
+    scheduler = _scheduled([polling, waiting], 30, lambda: wall, jitter=0)
     scheduler.start()
     try:
-        before = scheduler.next_run_times()["t0"]
-        assert before is not None
+        before = scheduler.next_run_times()
         scheduler.shift(timedelta(days=-1))  # the clock was set back a day
-        after = scheduler.next_run_times()["t0"]
-        assert after == before - timedelta(days=1), "as far ahead in real time as before"
-        trigger = scheduler.triggers["t0"]
-        assert trigger.get_next_fire_time(after, after) == after + timedelta(seconds=60)
+        after = scheduler.next_run_times()
+        assert after == {name: at - timedelta(days=1) for name, at in before.items()}, (
+            "as far ahead in real time as before"
+        )
+        trigger = scheduler.triggers["t1"]
+        at = after["t1"]
+        assert trigger.get_next_fire_time(at, at) - at == timedelta(seconds=30)
     finally:
         scheduler.shutdown()
+        polling.release.set()
+
+
+class _Ticking:
+    """A poller that records when it polls and can be made to hang."""
+
+    deadline = 20.0
+
+    def __init__(self, name: str, *, hang: bool = False) -> None:
+        self.name = name
+        self.hang = threading.Event()
+        if hang:
+            self.hang.set()
+        self.release = threading.Event()
+        self.times: list[float] = []
+        self.active = 0
+        self.max_active = 0
+        self.lock = threading.Lock()
+
+    def poll(self) -> PollResult:
+        with self.lock:
+            self.times.append(time.monotonic())
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            if self.hang.is_set():
+                self.release.wait(10)
+            return PollResult(self.name, True)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+    def expire_if_overdue(self, now: float) -> bool:
+        return False
+
+
+def test_a_hung_poll_holds_up_no_other_target() -> None:
+    hung = _Ticking("hung", hang=True)
+    others = [_Ticking(f"t{i}") for i in range(6)]
+    # Two workers: the hung poll keeps one; the other polls the rest on time.
+    targets = [ScheduledTarget(p, 0.2, 0.0) for p in [hung, *others]]  # type: ignore[arg-type]
+    scheduler = PollScheduler(targets, backoff_max=10, max_workers=2)
+    scheduler.start()
+    try:
+        time.sleep(1.5)
+    finally:
+        scheduler.shutdown()
+        hung.release.set()
+    assert len(hung.times) == 1
+    for poller in others:
+        assert len(poller.times) >= 5, (poller.name, len(poller.times))
+        assert max(b - a for a, b in itertools.pairwise(poller.times)) < 0.35
+
+
+def test_a_target_held_anew_while_polling_never_polls_twice_at_once() -> None:
+    poller = _Ticking("prod", hang=True)
+    target = ScheduledTarget(poller, 0.2, 0.0)  # type: ignore[arg-type]
+    scheduler = PollScheduler([target], backoff_max=10, claimed=True)
+    scheduler.start()
+    try:
+        now = datetime.now(UTC)
+        scheduler.hold("prod", not_before=now, skew=timedelta(0))
+        deadline = time.monotonic() + 2
+        while not poller.times and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert poller.times, "held: polled"
+        scheduler.hold("prod", not_before=now, skew=timedelta(0))  # replaced mid-poll
+        time.sleep(0.6)  # three slots of the new entry pass while the old poll hangs
+        assert poller.max_active == 1 and len(poller.times) == 1
+        poller.hang.clear()
+        poller.release.set()
+        time.sleep(0.5)
+        assert len(poller.times) >= 2, "polled again once the hung poll ended"
+        scheduler.drop("prod")
+        time.sleep(0.3)  # a poll in flight when dropped ends; then nothing
+        dropped = len(poller.times)
+        time.sleep(0.5)
+    finally:
+        scheduler.shutdown()
+        poller.release.set()
+    assert poller.max_active == 1
+    assert len(poller.times) == dropped, "dropped: never polled again"
+
+
+def test_a_target_held_earlier_than_the_next_run_wakes_the_scheduler() -> None:
+    late, early = _Ticking("late"), _Ticking("early")
+    # `early` held soon: its first poll within its 1 s interval.
+    targets = [ScheduledTarget(late, 3600, 0.0), ScheduledTarget(early, 1, 0.0)]  # type: ignore[arg-type]
+    scheduler = PollScheduler(targets, backoff_max=10, claimed=True)
+    scheduler.start()
+    try:
+        now = datetime.now(UTC)
+        scheduler.hold("late", not_before=now + timedelta(minutes=30), skew=timedelta(0))
+        time.sleep(0.2)  # the leader now sleeps for half an hour
+        held = time.monotonic()
+        scheduler.hold("early", not_before=datetime.now(UTC), skew=timedelta(0), soon=True)
+        expected = scheduler.next_run_times()["early"]
+        wait = (expected - datetime.now(UTC)).total_seconds()
+        deadline = time.monotonic() + wait + 2
+        while not early.times and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        scheduler.shutdown()
+    assert early.times and early.times[0] - held < wait + 1, "polled on time"
+    assert not late.times
 
 
 class _Counting:
