@@ -1,5 +1,5 @@
-"""CPU per poll that scheduling costs, apart from the poll: what the daemon's APScheduler
-wiring adds around each poll, against two leaner ways of running the same polls.
+"""CPU per poll that scheduling costs, apart from the poll: what the daemon's scheduler adds
+around each poll, against leaner and heavier ways of running the same polls.
 
 Run from the repository root::
 
@@ -11,16 +11,18 @@ for ``--targets`` targets once per ``--interval``, with ten threads, and reports
 this process (user + system, all threads) per poll over ``--seconds`` (rounded up to whole
 intervals) after the first round:
 
-``apscheduler``  ``monitor.scheduler.PollScheduler`` as the daemon builds it (APScheduler's
-                 BackgroundScheduler, one job per target on its slot trigger, a thread pool of
-                 ten workers): a scheduler thread hands each due job to a worker
+``daemon``       ``monitor.scheduler.PollScheduler`` as the daemon builds it: leader and
+                 followers over one heap of slot triggers, ten workers, the watchdog
 ``pool``         one thread sleeping until each next run and submitting it to a
-                 ``ThreadPoolExecutor`` of ten: the hand-off alone, without APScheduler
+                 ``ThreadPoolExecutor`` of ten: the hand-off alone
 ``per-worker``   ten threads, each owning a tenth of the targets in a heap, sleeping until
                  its own next slot and polling itself: one wake-up per poll, no hand-off
+``leader``       the daemon's design bare: ten threads over one heap of plain numbers, the
+                 leader sleeping until the earliest, handing the lead on and polling
 
-The difference between the first and the last is what a scheduler of the project's own could
-save per poll; ``bench/fleet.py`` gives the whole daemon's CPU per poll beside the naive loop.
+Until 2026-12-04 the daemon ran on APScheduler (a scheduler thread handing each due job to a
+pool); its figure, kept in ``docs/benchmarks.md``, is why it no longer does.
+``bench/fleet.py`` gives the whole daemon's CPU per poll beside the naive loop.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class _Poller:
         return False
 
 
-def with_apscheduler(targets: int, interval: float, counter: _Counter) -> Callable[[], None]:
+def with_daemon(targets: int, interval: float, counter: _Counter) -> Callable[[], None]:
     scheduled = [
         ScheduledTarget(_Poller(f"t{i}", counter), interval, 0.1)  # type: ignore[arg-type]
         for i in range(targets)
@@ -173,7 +175,7 @@ def with_leader(targets: int, interval: float, counter: _Counter) -> Callable[[]
 
 
 VARIANTS = {
-    "apscheduler": with_apscheduler,
+    "daemon": with_daemon,
     "pool": with_pool,
     "per-worker": with_per_worker,
     "leader": with_leader,

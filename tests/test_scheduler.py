@@ -75,6 +75,16 @@ def test_job_never_cuts_retry_after_short() -> None:
     assert _fire_times(poller, interval=10, runs=4) == [0, 30, 40, 50]
 
 
+def test_slots_missed_while_a_poll_hung_are_polled_once_not_once_each() -> None:
+    origin = datetime(2026, 1, 1, tzinfo=UTC)
+    trigger = SlotTrigger(interval=10, jitter=0.0, origin=origin, seed=0)
+    ended = origin + timedelta(seconds=55)  # the poll of slot 0 hung through slots 1 to 5
+    following = next_run(trigger, PollResult("p", True), fired=origin, now=ended, cap=1000)
+    assert following == origin + timedelta(seconds=60), "on the grid, the missed slots skipped"
+    after = next_run(trigger, PollResult("p", True), fired=following, now=following, cap=1000)
+    assert after == origin + timedelta(seconds=70)
+
+
 def test_jitter_spreads_runs_around_their_slots_and_never_adds_up() -> None:
     origin = datetime(2026, 1, 1, tzinfo=UTC)
     trigger = SlotTrigger(interval=60, jitter=0.1, origin=origin, seed=3)
@@ -186,8 +196,9 @@ class _Ticking:
 
     deadline = 20.0
 
-    def __init__(self, name: str, *, hang: bool = False) -> None:
+    def __init__(self, name: str, *, hang: bool = False, work: float = 0.0) -> None:
         self.name = name
+        self.work = work
         self.hang = threading.Event()
         if hang:
             self.hang.set()
@@ -205,6 +216,7 @@ class _Ticking:
         try:
             if self.hang.is_set():
                 self.release.wait(10)
+            time.sleep(self.work)
             return PollResult(self.name, True)
         finally:
             with self.lock:
@@ -216,20 +228,21 @@ class _Ticking:
 
 def test_a_hung_poll_holds_up_no_other_target() -> None:
     hung = _Ticking("hung", hang=True)
-    others = [_Ticking(f"t{i}") for i in range(6)]
-    # Two workers: the hung poll keeps one; the other polls the rest on time.
-    targets = [ScheduledTarget(p, 0.2, 0.0) for p in [hung, *others]]  # type: ignore[arg-type]
-    scheduler = PollScheduler(targets, backoff_max=10, max_workers=2)
+    others = [_Ticking(f"t{i}", work=0.25) for i in range(4)]
+    # Three workers: the hung poll keeps one; the other two, polling at once, keep the rest on
+    # time (one alone could not: 4 x 0.25 s of polls per 0.5 s).
+    targets = [ScheduledTarget(p, 0.5, 0.0) for p in [hung, *others]]  # type: ignore[arg-type]
+    scheduler = PollScheduler(targets, backoff_max=10, max_workers=3)
     scheduler.start()
     try:
-        time.sleep(1.5)
+        time.sleep(3)
     finally:
         scheduler.shutdown()
         hung.release.set()
     assert len(hung.times) == 1
     for poller in others:
         assert len(poller.times) >= 5, (poller.name, len(poller.times))
-        assert max(b - a for a, b in itertools.pairwise(poller.times)) < 0.35
+        assert max(b - a for a, b in itertools.pairwise(poller.times)) < 0.75
 
 
 def test_a_target_held_anew_while_polling_never_polls_twice_at_once() -> None:
