@@ -219,6 +219,7 @@ class PollScheduler:
         self._seq = 0
         self._entries: dict[str, _Entry] = {}
         self._started = False
+        self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         # The pollers whose poll is running now, by name: for the watchdog, which then looks
         # at the polls in flight only, not at every target.
@@ -226,7 +227,13 @@ class PollScheduler:
 
     @property
     def running(self) -> bool:
-        return self._started and not self._stop.is_set()
+        """Started, not shut down, and every worker alive (``/readyz``: a scheduler whose
+        threads died must not look healthy)."""
+        return (
+            self._started
+            and not self._stop.is_set()
+            and all(thread.is_alive() for thread in self._threads)
+        )
 
     @property
     def triggers(self) -> dict[str, SlotTrigger]:
@@ -244,14 +251,16 @@ class PollScheduler:
                     interval=target.interval, jitter=target.jitter, origin=first, seed=index
                 )
                 self._enter(target, trigger, first)
-        self._started = True
-        threads = [
+        self._threads = [
             threading.Thread(target=self._work, name=f"poll-{index}", daemon=True)
             for index in range(self._workers)
         ]
-        threads.append(threading.Thread(target=self._watch, name="poll-watchdog", daemon=True))
-        for thread in threads:
+        self._threads.append(
+            threading.Thread(target=self._watch, name="poll-watchdog", daemon=True)
+        )
+        for thread in self._threads:
             thread.start()
+        self._started = True
 
     def hold(self, name: str, *, not_before: datetime, skew: timedelta, soon: bool = False) -> None:
         """Poll ``name`` from its first shared slot at or after ``not_before`` (local time);
@@ -349,12 +358,15 @@ class PollScheduler:
     def _finish(self, entry: _Entry, result: PollResult | None) -> None:
         entry.polling = False
         self._running.pop(entry.target.poller.name, None)
-        if entry.live:
-            now = self._now()
-            self._queue(
-                entry,
-                next_run(entry.trigger, result, fired=entry.at, now=now, cap=self._backoff_max),
-            )
+        if not entry.live:
+            return
+        now, trigger, cap = self._now(), entry.trigger, self._backoff_max
+        try:
+            following = next_run(trigger, result, fired=entry.at, now=now, cap=cap)
+        except Exception:  # a result it cannot read: the target stays on its grid
+            log.exception("poll result unreadable", extra={"target": entry.target.poller.name})
+            following = next_run(trigger, None, fired=entry.at, now=now, cap=cap)
+        self._queue(entry, following)
 
     # -- threads -----------------------------------------------------------------------------
 

@@ -363,3 +363,50 @@ def test_scheduler_polls_at_once_and_never_overlaps(tmp_path: Path) -> None:
     assert fetcher.max_active == 1
     assert 2 <= fetcher.calls <= 4, fetcher.calls  # missed runs coalesced, not queued
     engine.dispose()
+
+
+class _Garbled(_Ticking):
+    """A poller whose poll returns what is not a PollResult (a bug of its own)."""
+
+    def poll(self) -> PollResult:
+        super().poll()
+        return "not a result"  # type: ignore[return-value]
+
+
+def test_a_result_the_scheduler_cannot_read_keeps_the_target_on_its_grid() -> None:
+    poller = _Garbled("prod")
+    target = ScheduledTarget(poller, 0.2, 0.0)  # type: ignore[arg-type]
+    scheduler = PollScheduler([target], backoff_max=10, max_workers=1)
+    scheduler.start()
+    try:
+        time.sleep(1.1)
+        assert scheduler.running, "its worker lives on"
+    finally:
+        scheduler.shutdown()
+    assert len(poller.times) >= 4, len(poller.times)
+
+
+def test_a_scheduler_whose_threads_died_is_not_running() -> None:
+    calls = [0]
+
+    def failing_clock() -> datetime:
+        calls[0] += 1
+        if calls[0] > 3:
+            raise RuntimeError("the clock broke")
+        return datetime.now(UTC)
+
+    poller = _Ticking("prod")
+    scheduler = PollScheduler(
+        [ScheduledTarget(poller, 0.2, 0.0)],  # type: ignore[arg-type]
+        backoff_max=10,
+        max_workers=2,
+        now=failing_clock,
+    )
+    scheduler.start()
+    try:
+        deadline = time.monotonic() + 3
+        while scheduler.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not scheduler.running, "/readyz must see it"
+    finally:
+        scheduler.shutdown()
