@@ -11,6 +11,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from monitor.errors import UpstreamError
 from monitor.genauth import GenAuthClient
 from monitor.scheduler import (
@@ -386,6 +388,7 @@ def test_a_result_the_scheduler_cannot_read_keeps_the_target_on_its_grid() -> No
     assert len(poller.times) >= 4, len(poller.times)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_scheduler_whose_threads_died_is_not_running() -> None:
     calls = [0]
 
