@@ -33,8 +33,12 @@ For each configuration ``N@I`` (N targets polled every I):
    meanwhile, and the polls done against ``N * window / I``; then the daemons are
    SIGSTOPped and this process runs the floor, a bare ``requests.Session`` ``GET`` + ``json()``
    + ``sha256`` of the body loop with the same headers against the same simulator (its CPU from
-   ``time.process_time``); SIGCONT, and a settling pause before the daemons are measured again
-   (coalesced polls missed during the pause run at once). Medians of the rounds are printed.
+   ``time.process_time``), first back to back (the floor of the goal), then paced at the
+   daemon's rate, N / I requests a second evenly spaced with a sleep between them (the naive
+   poller doing the daemon's job: on this VM a thread that sleeps between requests pays
+   about 100-130 us more per request than one that never sleeps); SIGCONT, and a settling
+   pause before the daemons are measured again (coalesced polls missed during the pause run
+   at once). Medians of the rounds are printed.
 5. **RSS**: VmRSS at the end of each daemon window (steady: median) and VmHWM at the end
    (peak, after the scrapes too), the largest replica's.
 6. **/metrics**: ``--scrapes`` GETs (default 50) with ``Accept-Encoding: gzip`` as Prometheus
@@ -376,6 +380,7 @@ class Result:
     recorded_s: float = math.nan  # process start to every target's first snapshot in the DB
     daemon_us: list[float] = field(default_factory=list)
     floor_us: list[float] = field(default_factory=list)
+    paced_us: list[float] = field(default_factory=list)  # the floor at the daemon's rate
     done: list[float] = field(default_factory=list)
     rss_steady: list[float] = field(default_factory=list)
     rss_peak: float = math.nan
@@ -393,6 +398,12 @@ class Result:
         if not self.daemon_us or not self.floor_us:
             return math.nan
         return statistics.median(self.daemon_us) / statistics.median(self.floor_us)
+
+    @property
+    def paced_ratio(self) -> float:
+        if not self.daemon_us or not self.paced_us:
+            return math.nan
+        return statistics.median(self.daemon_us) / statistics.median(self.paced_us)
 
     def p(self, q: float, of: str = "scrapes_ms") -> float:
         values: list[float] = getattr(self, of)
@@ -522,6 +533,21 @@ class Floor:
             if response.json()["statusCode"] != 200:
                 raise RuntimeError("floor: the simulator refused the request")
             sha256(response.content).hexdigest()
+        return (time.process_time() - started) / n * 1e6
+
+    def paced_for(self, seconds: float, rate: float) -> float:
+        """As ``run``, one request every ``1 / rate`` seconds for about ``seconds``: the naive
+        poller doing the daemon's job (N targets every I), which sleeps between requests."""
+        get, url, headers, sha256 = self.session.get, self.url, self.headers, hashlib.sha256
+        n = max(int(seconds * rate), 1)
+        started, due = time.process_time(), time.monotonic()
+        for _ in range(n):
+            due += 1 / rate
+            response = get(url, headers=headers, timeout=10)
+            if response.json()["statusCode"] != 200:
+                raise RuntimeError("floor: the simulator refused the request")
+            sha256(response.content).hexdigest()
+            time.sleep(max(due - time.monotonic(), 0.0))
         return (time.process_time() - started) / n * 1e6
 
     def run_for(self, seconds: float) -> float:
@@ -815,6 +841,7 @@ def measure_rounds(
         signal_daemons(daemons, signal.SIGSTOP)
         try:
             result.floor_us.append(floor.run_for(plan.floor))
+            result.paced_us.append(floor.paced_for(plan.floor, cfg.targets / cfg.interval))
         finally:
             signal_daemons(daemons, signal.SIGCONT)
         time.sleep(plan.settle)
@@ -826,7 +853,8 @@ def measure_rounds(
         if verbose:
             print(
                 f"  {cfg.label} round {round_ + 1}: daemon {result.daemon_us[-1]:.0f} us/poll, "
-                f"floor {result.floor_us[-1]:.0f} us/request, done {result.done[-1]:.2%}, "
+                f"floor {result.floor_us[-1]:.0f} us/request "
+                f"(paced {result.paced_us[-1]:.0f}), done {result.done[-1]:.2%}, "
                 f"RSS {result.rss_steady[-1]:.1f} MiB",
                 flush=True,
             )
@@ -862,7 +890,8 @@ def line(r: Result) -> str:
     return (
         f"{r.cfg.label:>11} x{r.replicas}{' shards' if r.shards else ''}  daemon "
         f"{med(r.daemon_us):5.0f} us/poll  floor "
-        f"{med(r.floor_us):4.0f} us  ratio {r.ratio:4.2f}x  done {med(r.done):7.2%}  "
+        f"{med(r.floor_us):4.0f} us  ratio {r.ratio:4.2f}x  (paced floor "
+        f"{med(r.paced_us):4.0f} us, ratio {r.paced_ratio:4.2f}x)  done {med(r.done):7.2%}  "
         f"RSS {med(r.rss_steady):5.1f}/{r.rss_peak:5.1f} MiB  /metrics p50 {r.p(0.5):6.1f} "
         f"p99 {r.p(0.99):6.1f} ms (from the third: p99 {r.warm_p99():.1f} ms; "
         f"{r.metrics_bytes / 1e6:.2f} MB, "
