@@ -15,10 +15,12 @@ the wall clock jumps, so a clock set back by a day never stops polling for a day
 
 How it runs: leader and followers over one heap. One idle worker, the leader, sleeps until the
 earliest next run; when it is due it takes that target, hands the lead to another idle worker
-and polls. So whichever worker is free takes the next due target (one hung upstream never holds
-up the others behind it), and each poll costs one wake-up and one hand-off. This replaced
-APScheduler, whose scheduler thread, job store and executor futures cost about 250 µs of CPU
-per poll, more than the poll's own work (``bench/scheduling.py``, ``docs/benchmarks.md``).
+(the one that went idle last: its thread is the warmest, and a light load keeps to a few
+threads) and polls. So whichever worker is free takes the next due target (one hung upstream
+never holds up the others behind it), and each poll costs one wake-up and one hand-off. This
+replaced APScheduler, whose scheduler thread, job store and executor futures cost twice the
+CPU per poll (``bench/scheduling.py``: 138 against 69 µs, more than the poll's own work
+besides HTTP; ``docs/benchmarks.md``).
 
 With replicas (``claimed=True``, :mod:`monitor.cluster`) no target is scheduled at start: the
 cluster calls :meth:`~PollScheduler.hold` for each target this replica claims and
