@@ -51,7 +51,10 @@ __all__ = ["Daemon", "Runtime", "build_runtime", "fingerprint_key"]
 log = logging.getLogger("monitor")
 
 _M_MMAP_THRESHOLD: Final = -3  # mallopt parameter, from glibc's malloc.h
-POLL_WORKERS: Final = 10  # polls in flight at once (each holds at most one bounded body)
+POLL_WORKERS: Final = 10  # poll threads kept while idle
+# Polls in flight at once at most: more threads start only while every one polls (slow
+# upstreams); bodies in flight are bounded apart (httpio's budget), not by this.
+POLL_WORKERS_MAX: Final = 64
 READY_WAIT: Final = 0.8  # seconds /readyz waits for the database
 STOP_WRITE_WAIT: Final = 2.0  # seconds a stopping daemon waits to write what it saw
 HEAP_TRIM_EVERY: Final = 30.0  # seconds between the running daemon's malloc_trim calls
@@ -163,7 +166,7 @@ def build_runtime(
         sessions=(),
     )
     key = fingerprint_key(settings)
-    shared_session = session or bounded_session(pool_size=POLL_WORKERS)
+    shared_session = session or bounded_session(pool_size=POLL_WORKERS_MAX)
     runtime.sessions = (shared_session, sink_session)
     limits: dict[str, RateLimit] = {}  # one per base_url: the cap is per host, not per target
     rate = settings.monitor.max_requests_per_second
@@ -335,7 +338,8 @@ class Daemon:
                 for name, poller in self.runtime.pollers.items()
             ],
             backoff_max=monitor.backoff_max,
-            max_workers=POLL_WORKERS,
+            min_workers=POLL_WORKERS,
+            max_workers=POLL_WORKERS_MAX,
             claimed=replicated,
         )
         self.cluster: Cluster | None = None

@@ -61,6 +61,7 @@ log = logging.getLogger("monitor.scheduler")
 WATCH_EVERY = 0.5  # seconds between the watchdog's looks at the polls in flight
 FIRST_SPREAD_MAX = 30.0  # the first polls of all targets are spread over at most this
 CLOCK_JUMP = 5.0  # seconds of difference between wall and monotonic time that count as a jump
+IDLE_EXIT = 60.0  # seconds a worker beyond the minimum may stay idle before it ends
 WAIT_MAX = 60.0  # the leader looks at the heap at least this often, whatever it expects
 
 
@@ -202,6 +203,8 @@ class PollScheduler:
         *,
         backoff_max: float,
         max_workers: int = 10,
+        min_workers: int | None = None,
+        idle_exit: float = IDLE_EXIT,
         now: Callable[[], datetime] = utc_now,
         monotonic: Callable[[], float] = time.monotonic,
         claimed: bool = False,
@@ -210,7 +213,15 @@ class PollScheduler:
         self._by_name = {target.poller.name: target for target in targets}
         self._targets = list(targets)
         self._backoff_max = backoff_max
-        self._workers = max_workers
+        # Workers: `min_workers` from start; one more whenever a run is due and every worker
+        # polls (a slow upstream's latency, not the CPU, is what needs them), up to
+        # `max_workers`; one idle for `idle_exit` seconds beyond the minimum ends.
+        self._max_workers = max(max_workers, 1)
+        self._min_workers = min(max(min_workers or self._max_workers, 1), self._max_workers)
+        self._idle_exit = idle_exit
+        self._alive = 0  # worker threads running
+        self._spawned = 0  # worker threads ever started (their names)
+        self._broken = False  # a worker ended by an exception: a bug, and readiness says so
         self._now = now
         self._monotonic = monotonic
         self._lock = threading.Lock()
@@ -224,7 +235,7 @@ class PollScheduler:
         self._seq = 0
         self._entries: dict[str, _Entry] = {}
         self._started = False
-        self._threads: list[threading.Thread] = []
+        self._watchdog: threading.Thread | None = None
         self._stop = threading.Event()
         # The pollers whose poll is running now, by name: for the watchdog, which then looks
         # at the polls in flight only, not at every target.
@@ -232,13 +243,22 @@ class PollScheduler:
 
     @property
     def running(self) -> bool:
-        """Started, not shut down, and every worker alive (``/readyz``: a scheduler whose
-        threads died must not look healthy)."""
+        """Started, not shut down, and no thread of it ended by an exception (``/readyz``: a
+        scheduler whose threads died must not look healthy)."""
+        watchdog = self._watchdog
         return (
             self._started
             and not self._stop.is_set()
-            and all(thread.is_alive() for thread in self._threads)
+            and not self._broken
+            and watchdog is not None
+            and watchdog.is_alive()
         )
+
+    @property
+    def workers(self) -> int:
+        """Worker threads running now."""
+        with self._lock:
+            return self._alive
 
     @property
     def triggers(self) -> dict[str, SlotTrigger]:
@@ -256,15 +276,10 @@ class PollScheduler:
                     interval=target.interval, jitter=target.jitter, origin=first, seed=index
                 )
                 self._enter(target, trigger, first)
-        self._threads = [
-            threading.Thread(target=self._work, name=f"poll-{index}", daemon=True)
-            for index in range(self._workers)
-        ]
-        self._threads.append(
-            threading.Thread(target=self._watch, name="poll-watchdog", daemon=True)
-        )
-        for thread in self._threads:
-            thread.start()
+            for _ in range(self._min_workers):
+                self._spawn()
+        self._watchdog = threading.Thread(target=self._watch, name="poll-watchdog", daemon=True)
+        self._watchdog.start()
         self._started = True
 
     def hold(self, name: str, *, not_before: datetime, skew: timedelta, soon: bool = False) -> None:
@@ -377,15 +392,39 @@ class PollScheduler:
 
     # -- threads -----------------------------------------------------------------------------
 
+    def _spawn(self) -> None:
+        """One more worker (under the lock: it starts by waiting for it)."""
+        self._alive += 1
+        self._spawned += 1
+        name = f"poll-{self._spawned - 1}"
+        threading.Thread(target=self._work, name=name, daemon=True).start()
+
     def _work(self) -> None:
+        ended = False
+        try:
+            self._serve()
+            ended = True
+        finally:
+            with self._lock:
+                self._alive -= 1
+                self._broken = self._broken or not ended
+
+    def _serve(self) -> None:
         """A worker: the leader sleeps until the next run is due, takes it, passes the lead
-        on and polls; the others wait for the lead."""
+        on and polls; the others wait for the lead. Returns on stop, or when idle too long
+        beyond the minimum of workers."""
         mine = threading.Condition(self._lock)
         with self._lock:
             while not self._stop.is_set():
                 if self._leading:
                     self._followers.append(mine)
-                    mine.wait()
+                    spare = self._alive > self._min_workers
+                    handed = mine.wait(self._idle_exit if spare else None)
+                    # Idle that long, beyond the minimum: not needed now (unless the lead was
+                    # handed over just as the wait ran out).
+                    if not handed and mine in self._followers and self._alive > self._min_workers:
+                        self._followers.remove(mine)
+                        return
                     continue
                 entry, wait = self._take_due()
                 if entry is None:
@@ -395,6 +434,8 @@ class PollScheduler:
                     continue
                 if self._followers:
                     self._followers.pop().notify()  # the lead is free: one of them takes it
+                elif self._alive < self._max_workers:
+                    self._spawn()  # every other worker polls: a new one leads
                 self._lock.release()
                 try:
                     result = _poll(entry.target.poller)

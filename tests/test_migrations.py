@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -20,6 +21,7 @@ from sqlalchemy import Engine, create_engine, inspect, make_url, select, text
 
 from monitor.core import EventDraft, snapshot_hash
 from monitor.errors import StorageError
+from monitor.simulator import SimulatedGenAuth
 from monitor.storage import Store, create_store_engine, upgrade
 from monitor.storage.chain import (
     DATABASE_ID,
@@ -33,6 +35,7 @@ from monitor.storage.engine import alembic_config, shipped_heads
 from monitor.storage.migrate_apart import upgrade_apart
 from monitor.storage.outbox import Outbox
 from monitor.storage.schema import events, metadata
+from tests.helpers import free_port, start_daemon, wait_for, write_config
 
 
 def test_upgrade_is_idempotent_and_matches_the_models(db_url: str) -> None:
@@ -471,3 +474,48 @@ def test_a_new_database_gets_a_random_id_and_chains_string_ids_from_the_start(
     assert found[0][STRING_IDS_FROM] == found[1][STRING_IDS_FROM] == "1"
     assert uuid.UUID(found[0][DATABASE_ID]).version == 4
     assert found[0][DATABASE_ID] != found[1][DATABASE_ID]
+
+
+_ALEMBIC_TRAP = """\
+import os, sys
+
+class _Trap:
+    # Notes which process imports Alembic, and lets the import go on.
+    def find_spec(self, name, path=None, target=None):
+        if name == "alembic":
+            with open(os.environ["GM_TRAP_FILE"], "a") as out:
+                out.write(f"{os.getpid()}\\n")
+        return None
+
+sys.meta_path.insert(0, _Trap())
+"""
+
+
+def test_run_migrates_through_its_child_never_in_the_daemon(
+    db_url: str, simulator: SimulatedGenAuth, tmp_path: Path
+) -> None:
+    trap = tmp_path / "trap"
+    trap.mkdir()
+    (trap / "sitecustomize.py").write_text(_ALEMBIC_TRAP)
+    imported_by = tmp_path / "alembic-imported-by"
+    port = free_port()
+    config = write_config(tmp_path, simulator, storage_url=db_url, port=port)
+    env = {
+        "GM_TEST_SECRET": simulator.access_key_secret,
+        "GM_TEST_API_TOKEN": "t",
+        "PYTHONPATH": str(trap),
+        "GM_TRAP_FILE": str(imported_by),
+    }
+    process = start_daemon(config, tmp_path / "daemon.log", env)
+    try:
+        wait_for(
+            lambda: requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200,
+            timeout=60,
+            what="/readyz 200",
+        )
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    pids = imported_by.read_text().split() if imported_by.exists() else []
+    assert pids, "the new database was migrated, by a child that imported Alembic"
+    assert str(process.pid) not in pids, "Alembic never enters the daemon"

@@ -413,3 +413,33 @@ def test_a_scheduler_whose_threads_died_is_not_running() -> None:
         assert not scheduler.running, "/readyz must see it"
     finally:
         scheduler.shutdown()
+
+
+def test_workers_are_added_while_every_one_polls_and_end_once_idle() -> None:
+    hung = [_Ticking(f"hung{i}", hang=True) for i in range(3)]
+    quick = _Ticking("quick")
+    targets = [ScheduledTarget(p, 0.2, 0.0) for p in [*hung, quick]]  # type: ignore[arg-type]
+    scheduler = PollScheduler(targets, backoff_max=10, min_workers=1, max_workers=4, idle_exit=0.3)
+    scheduler.start()
+    try:
+        time.sleep(1.5)
+        peak = scheduler.workers
+        # The three hung polls hold three workers; a fourth, the last allowed, polls the quick
+        # target on time.
+        assert peak == 4, peak
+        assert sum(len(p.times) for p in hung) == 3
+        assert len(quick.times) >= 5
+        assert max(b - a for a, b in itertools.pairwise(quick.times[1:])) < 0.45
+        for poller in hung:
+            poller.hang.clear()
+            poller.release.set()
+        # Unhung, the four targets need about one worker: the others end once idle 0.3 s.
+        wait_until = time.monotonic() + 5
+        while scheduler.workers > 2 and time.monotonic() < wait_until:
+            time.sleep(0.05)
+        assert scheduler.workers <= 2, scheduler.workers
+        assert scheduler.running
+    finally:
+        scheduler.shutdown()
+        for poller in hung:
+            poller.release.set()
