@@ -6,7 +6,9 @@ For each hostile answer of the simulator (a 200 MB body, a 200 MB gzip bomb, an 
 stream, a slow drip, a 1 MiB dense JSON) a fresh ``genauth-monitor run`` polls ``--targets``
 targets every second (timeout 2 s) against it for ``--seconds``; the figure is the process's
 peak RSS (VmHWM), median of ``--rounds`` rounds, beside the peak of the same daemon against a
-well-behaved upstream (the floor). Goal: under 150 MiB with 100 targets.
+well-behaved upstream (the floor), and the most threads it had meanwhile (the poll workers grow
+from 10 towards 64 while every one is held by a slow answer). Goal: under 150 MiB with 100
+targets.
 """
 
 from __future__ import annotations
@@ -58,14 +60,29 @@ def _config(directory: Path, sim: SimulatedGenAuth, port: int, targets: int) -> 
     return path
 
 
-def _peak_mib(pid: int) -> float:
+def _status(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM")
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {key}")
 
 
-def one_round(fault: str, options: dict[str, Any], targets: int, seconds: float) -> float:
+def _peak_mib(pid: int) -> float:
+    return _status(pid, "VmHWM") / 1024
+
+
+def _threads_at_most(pid: int, seconds: float) -> int:
+    """The most threads the process had, sampled every 0.1 s for ``seconds``."""
+    most, deadline = 0, time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        most = max(most, _status(pid, "Threads"))
+        time.sleep(0.1)
+    return most
+
+
+def one_round(
+    fault: str, options: dict[str, Any], targets: int, seconds: float
+) -> tuple[float, int]:
     with (
         tempfile.TemporaryDirectory() as tmp,
         SimulatedGenAuth(access_key_id="bench", access_key_secret="bench-secret") as sim,
@@ -91,8 +108,8 @@ def one_round(fault: str, options: dict[str, Any], targets: int, seconds: float)
                 time.sleep(0.2)
             if fault != "none":
                 sim.set_fault(fault, **options)
-            time.sleep(seconds)
-            return _peak_mib(proc.pid)
+            threads = _threads_at_most(proc.pid, seconds)
+            return _peak_mib(proc.pid), threads
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -106,10 +123,12 @@ def main() -> int:
     args = parser.parse_args()
     print(f"{os.cpu_count()} cores, {args.targets} targets, {args.rounds} rounds each")
     for fault, options in FAULTS:
-        peaks = [one_round(fault, options, args.targets, args.seconds) for _ in range(args.rounds)]
+        rounds = [one_round(fault, options, args.targets, args.seconds) for _ in range(args.rounds)]
+        peaks = [peak for peak, _ in rounds]
         print(
             f"{fault:12} peak RSS median {statistics.median(peaks):6.1f} MiB"
-            f"  (rounds: {', '.join(f'{p:.0f}' for p in peaks)})",
+            f"  (rounds: {', '.join(f'{p:.0f}' for p in peaks)})"
+            f"  threads at most {max(threads for _, threads in rounds)}",
             flush=True,
         )
     return 0
