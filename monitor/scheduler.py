@@ -61,6 +61,7 @@ log = logging.getLogger("monitor.scheduler")
 WATCH_EVERY = 0.5  # seconds between the watchdog's looks at the polls in flight
 FIRST_SPREAD_MAX = 30.0  # the first polls of all targets are spread over at most this
 CLOCK_JUMP = 5.0  # seconds of difference between wall and monotonic time that count as a jump
+CPU_BOUND = 0.8  # CPU seconds per second of the process above which no worker is added
 IDLE_EXIT = 60.0  # seconds a worker beyond the minimum may stay idle before it ends
 WAIT_MAX = 60.0  # the leader looks at the heap at least this often, whatever it expects
 
@@ -207,6 +208,7 @@ class PollScheduler:
         idle_exit: float = IDLE_EXIT,
         now: Callable[[], datetime] = utc_now,
         monotonic: Callable[[], float] = time.monotonic,
+        cpu_time: Callable[[], float] = time.process_time,
         claimed: bool = False,
     ) -> None:
         self._claimed = claimed
@@ -215,13 +217,19 @@ class PollScheduler:
         self._backoff_max = backoff_max
         # Workers: `min_workers` from start; one more whenever a run is due and every worker
         # polls (a slow upstream's latency, not the CPU, is what needs them), up to
-        # `max_workers`; one idle for `idle_exit` seconds beyond the minimum ends.
+        # `max_workers`, while the process is not busy with the CPU; one idle for `idle_exit`
+        # seconds beyond the minimum ends.
         self._max_workers = max(max_workers, 1)
         self._min_workers = min(max(min_workers or self._max_workers, 1), self._max_workers)
         self._idle_exit = idle_exit
         self._alive = 0  # worker threads running
         self._spawned = 0  # worker threads ever started (their names)
         self._broken = False  # a worker ended by an exception: a bug, and readiness says so
+        # The process spent most of a core in the watchdog's last look: more threads would wait
+        # for the CPU (the GIL), not for the network, so none is added meanwhile (a burst of
+        # first polls at 10,000 targets otherwise grew the pool to 64 for nothing).
+        self._cpu_time = cpu_time
+        self._cpu_bound = True  # until the watchdog's first look
         self._now = now
         self._monotonic = monotonic
         self._lock = threading.Lock()
@@ -392,6 +400,13 @@ class PollScheduler:
 
     # -- threads -----------------------------------------------------------------------------
 
+    def _grow(self) -> None:
+        """Every worker polls, none leads: one more worker to lead, unless there are as many as
+        allowed, or the process is busy with the CPU (more threads would wait for it, not for
+        an upstream)."""
+        if self._alive < self._max_workers and not self._cpu_bound:
+            self._spawn()
+
     def _spawn(self) -> None:
         """One more worker (under the lock: it starts by waiting for it)."""
         self._alive += 1
@@ -434,8 +449,8 @@ class PollScheduler:
                     continue
                 if self._followers:
                     self._followers.pop().notify()  # the lead is free: one of them takes it
-                elif self._alive < self._max_workers:
-                    self._spawn()  # every other worker polls: a new one leads
+                else:
+                    self._grow()
                 self._lock.release()
                 try:
                     result = _poll(entry.target.poller)
@@ -447,9 +462,15 @@ class PollScheduler:
         """Count polls that overran their deadline as failed, whatever they are stuck in (a
         DNS lookup, a proxy), and follow jumps of the wall clock. Its own thread, so that even
         a pool of stuck workers cannot stop it."""
-        wall, mono = self._now(), self._monotonic()
+        wall, mono, cpu = self._now(), self._monotonic(), self._cpu_time()
         while not self._stop.wait(WATCH_EVERY):
             now = self._monotonic()
+            cpu_now = self._cpu_time()
+            with self._lock:
+                self._cpu_bound = cpu_now - cpu > CPU_BOUND * max(now - mono, 1e-3)
+                if not self._leading and not self._followers and self._heap:
+                    self._grow()  # all were polling when the CPU was busy: none was added
+            cpu = cpu_now
             for poller in list(self._running.values()):
                 if poller.expire_if_overdue(now):
                     log.warning(

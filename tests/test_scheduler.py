@@ -419,10 +419,17 @@ def test_workers_are_added_while_every_one_polls_and_end_once_idle() -> None:
     hung = [_Ticking(f"hung{i}", hang=True) for i in range(3)]
     quick = _Ticking("quick")
     targets = [ScheduledTarget(p, 0.2, 0.0) for p in [*hung, quick]]  # type: ignore[arg-type]
-    scheduler = PollScheduler(targets, backoff_max=10, min_workers=1, max_workers=4, idle_exit=0.3)
+    scheduler = PollScheduler(
+        targets,
+        backoff_max=10,
+        min_workers=1,
+        max_workers=4,
+        idle_exit=0.3,
+        cpu_time=lambda: 0.0,  # the process never busy with the CPU
+    )
     scheduler.start()
     try:
-        time.sleep(1.5)
+        time.sleep(2.0)
         peak = scheduler.workers
         # The three hung polls hold three workers; a fourth, the last allowed, polls the quick
         # target on time.
@@ -443,3 +450,24 @@ def test_workers_are_added_while_every_one_polls_and_end_once_idle() -> None:
         scheduler.shutdown()
         for poller in hung:
             poller.release.set()
+
+
+def test_no_worker_is_added_while_the_process_is_busy_with_the_cpu() -> None:
+    hung = _Ticking("hung", hang=True)
+    quick = _Ticking("quick")
+    targets = [ScheduledTarget(p, 0.2, 0.0) for p in (hung, quick)]  # type: ignore[arg-type]
+    scheduler = PollScheduler(
+        targets,
+        backoff_max=10,
+        min_workers=1,
+        max_workers=4,
+        cpu_time=time.monotonic,  # a whole core, all the time: more threads would not help
+    )
+    scheduler.start()
+    try:
+        time.sleep(1.5)
+        assert scheduler.workers == 1
+        assert not quick.times, "it waits for the one worker"
+    finally:
+        scheduler.shutdown()
+        hung.release.set()
