@@ -17,10 +17,12 @@ How it runs: leader and followers over one heap. One idle worker, the leader, sl
 earliest next run; when it is due it takes that target, hands the lead to another idle worker
 (the one that went idle last: its thread is the warmest, and a light load keeps to a few
 threads) and polls. So whichever worker is free takes the next due target (one hung upstream
-never holds up the others behind it), and each poll costs one wake-up and one hand-off. This
-replaced APScheduler, whose scheduler thread, job store and executor futures cost twice the
-CPU per poll (``bench/scheduling.py``: 138 against 69 µs, more than the poll's own work
-besides HTTP; ``docs/benchmarks.md``).
+never holds up the others behind it), and each poll costs one wake-up and one hand-off. The
+pool grows: when a run is due and every worker polls (slow upstreams), one more starts, up to
+``max_workers``, unless the process is busy with the CPU; one idle long beyond
+``min_workers`` ends. This replaced APScheduler, whose scheduler thread, job store and
+executor futures cost twice the CPU per poll (``bench/scheduling.py``: 138 against 69 µs,
+more than the poll's own work besides HTTP; ``docs/benchmarks.md``).
 
 With replicas (``claimed=True``, :mod:`monitor.cluster`) no target is scheduled at start: the
 cluster calls :meth:`~PollScheduler.hold` for each target this replica claims and
