@@ -63,6 +63,7 @@ log = logging.getLogger("monitor.scheduler")
 WATCH_EVERY = 0.5  # seconds between the watchdog's looks at the polls in flight
 FIRST_SPREAD_MAX = 30.0  # the first polls of all targets are spread over at most this
 CLOCK_JUMP = 5.0  # seconds of difference between wall and monotonic time that count as a jump
+GROW_EVERY = 0.5  # seconds between two workers added
 CPU_BOUND = 0.8  # CPU seconds per second of the process above which no worker is added
 IDLE_EXIT = 60.0  # seconds a worker beyond the minimum may stay idle before it ends
 WAIT_MAX = 60.0  # the leader looks at the heap at least this often, whatever it expects
@@ -208,6 +209,7 @@ class PollScheduler:
         max_workers: int = 10,
         min_workers: int | None = None,
         idle_exit: float = IDLE_EXIT,
+        grow_every: float = GROW_EVERY,
         now: Callable[[], datetime] = utc_now,
         monotonic: Callable[[], float] = time.monotonic,
         cpu_time: Callable[[], float] = time.process_time,
@@ -224,6 +226,11 @@ class PollScheduler:
         self._max_workers = max(max_workers, 1)
         self._min_workers = min(max(min_workers or self._max_workers, 1), self._max_workers)
         self._idle_exit = idle_exit
+        # At most one worker added per `grow_every` seconds: the CPU rule below looks every
+        # WATCH_EVERY, and a backlog (a process resumed after a stop) must not add them all
+        # before it has looked.
+        self._grow_every = grow_every
+        self._grown_at = -math.inf
         self._alive = 0  # worker threads running
         self._spawned = 0  # worker threads ever started (their names)
         self._broken = False  # a worker ended by an exception: a bug, and readiness says so
@@ -406,7 +413,11 @@ class PollScheduler:
         """Every worker polls, none leads: one more worker to lead, unless there are as many as
         allowed, or the process is busy with the CPU (more threads would wait for it, not for
         an upstream)."""
-        if self._alive < self._max_workers and not self._cpu_bound:
+        if self._alive >= self._max_workers or self._cpu_bound:
+            return
+        now = self._monotonic()
+        if now - self._grown_at >= self._grow_every:
+            self._grown_at = now
             self._spawn()
 
     def _spawn(self) -> None:

@@ -425,11 +425,14 @@ def test_workers_are_added_while_every_one_polls_and_end_once_idle() -> None:
         min_workers=1,
         max_workers=4,
         idle_exit=0.3,
+        grow_every=0.05,
         cpu_time=lambda: 0.0,  # the process never busy with the CPU
     )
     scheduler.start()
     try:
-        time.sleep(2.0)
+        # Added by the watchdog, one per look once it knows the CPU (0.5 s): the fourth at
+        # about 1.5 s.
+        time.sleep(3.0)
         peak = scheduler.workers
         # The three hung polls hold three workers; a fourth, the last allowed, polls the quick
         # target on time.
@@ -471,3 +474,26 @@ def test_no_worker_is_added_while_the_process_is_busy_with_the_cpu() -> None:
     finally:
         scheduler.shutdown()
         hung.release.set()
+
+
+def test_workers_are_added_one_at_a_time() -> None:
+    # A backlog (a process resumed after a stop) finds every worker busy at once: workers are
+    # added one per `grow_every`, so the CPU rule can look before the pool is at its largest.
+    hung = [_Ticking(f"hung{i}", hang=True) for i in range(8)]
+    targets = [ScheduledTarget(p, 0.1, 0.0) for p in hung]  # type: ignore[arg-type]
+    scheduler = PollScheduler(
+        targets,
+        backoff_max=10,
+        min_workers=1,
+        max_workers=10,
+        grow_every=0.4,
+        cpu_time=lambda: 0.0,
+    )
+    scheduler.start()
+    try:
+        time.sleep(1.1)  # the CPU known at 0.5 s: one worker then, one at 0.9 s
+        assert 2 <= scheduler.workers <= 3, scheduler.workers
+    finally:
+        scheduler.shutdown()
+        for poller in hung:
+            poller.release.set()
