@@ -369,16 +369,22 @@ class PollScheduler:
         if self._heap[0] is item:
             self._wake.notify()  # earlier than what the leader sleeps for
 
+    def _head(self) -> _Entry | None:
+        """The earliest live entry, the stale heap items above it dropped on the way."""
+        heap = self._heap
+        while heap:
+            _, seq, entry = heap[0]
+            if entry.live and entry.seq == seq:
+                return entry
+            heapq.heappop(heap)
+        return None
+
     def _take_due(self) -> tuple[_Entry | None, float | None]:
         """The due entry to poll now, marked as polling; else how long until the next one
         (``None``: nothing is scheduled)."""
         heap = self._heap
-        while heap:
-            at, seq, entry = heap[0]
-            if not entry.live or entry.seq != seq:
-                heapq.heappop(heap)
-                continue
-            now = self._now()
+        while (entry := self._head()) is not None:
+            at, now = entry.at, self._now()
             wait = (at - now).total_seconds()
             if wait > 0:
                 return None, min(wait, WAIT_MAX)
@@ -402,9 +408,9 @@ class PollScheduler:
         now, trigger, cap = self._now(), entry.trigger, self._backoff_max
         try:
             following = next_run(trigger, result, fired=entry.at, now=now, cap=cap)
-        except Exception:  # a result it cannot read: the target stays on its grid
+        except Exception:  # a result it cannot read: the target polls again an interval later
             log.exception("poll result unreadable", extra={"target": entry.target.poller.name})
-            following = next_run(trigger, None, fired=entry.at, now=now, cap=cap)
+            following = now + timedelta(seconds=trigger.interval)
         self._queue(entry, following)
 
     # -- threads -----------------------------------------------------------------------------
@@ -428,31 +434,34 @@ class PollScheduler:
         threading.Thread(target=self._work, name=name, daemon=True).start()
 
     def _work(self) -> None:
-        ended = False
         try:
             self._serve()
-            ended = True
-        finally:
+        except BaseException:
             with self._lock:
                 self._alive -= 1
-                self._broken = self._broken or not ended
+                self._broken = True
+            raise
 
     def _serve(self) -> None:
         """A worker: the leader sleeps until the next run is due, takes it, passes the lead
         on and polls; the others wait for the lead. Returns on stop, or when idle too long
-        beyond the minimum of workers."""
+        beyond the minimum of workers (it counts itself out under the lock, where it decided)."""
         mine = threading.Condition(self._lock)
         with self._lock:
             while not self._stop.is_set():
                 if self._leading:
                     self._followers.append(mine)
                     spare = self._alive > self._min_workers
-                    handed = mine.wait(self._idle_exit if spare else None)
-                    # Idle that long, beyond the minimum: not needed now (unless the lead was
-                    # handed over just as the wait ran out).
-                    if not handed and mine in self._followers and self._alive > self._min_workers:
+                    # A wait that ran out leaves `mine` listed, unless the lead was handed to
+                    # it just then: never listed twice, never listed once gone.
+                    if (
+                        not mine.wait(self._idle_exit if spare else None)
+                        and mine in self._followers
+                    ):
                         self._followers.remove(mine)
-                        return
+                        if self._alive > self._min_workers:  # idle that long: not needed now
+                            self._alive -= 1
+                            return
                     continue
                 entry, wait = self._take_due()
                 if entry is None:
@@ -470,6 +479,7 @@ class PollScheduler:
                 finally:
                     self._lock.acquire()
                 self._finish(entry, result)
+            self._alive -= 1
 
     def _watch(self) -> None:
         """Count polls that overran their deadline as failed, whatever they are stuck in (a
@@ -477,25 +487,31 @@ class PollScheduler:
         a pool of stuck workers cannot stop it."""
         wall, mono, cpu = self._now(), self._monotonic(), self._cpu_time()
         while not self._stop.wait(WATCH_EVERY):
-            now = self._monotonic()
-            cpu_now = self._cpu_time()
-            with self._lock:
-                self._cpu_bound = cpu_now - cpu > CPU_BOUND * max(now - mono, 1e-3)
-                if not self._leading and not self._followers and self._heap:
-                    self._grow()  # all were polling when the CPU was busy: none was added
-            cpu = cpu_now
-            for poller in list(self._running.values()):
-                if poller.expire_if_overdue(now):
-                    log.warning(
-                        "poll overran its deadline; counted as failed",
-                        extra={"target": poller.name, "deadline_s": poller.deadline},
-                    )
-            wall_now = self._now()
+            # Wall and monotonic time read together: what the looks below take is no jump.
+            now, wall_now, cpu_now = self._monotonic(), self._now(), self._cpu_time()
+            try:
+                self._look(now, wall_now, cpu_busy=cpu_now - cpu > CPU_BOUND * (now - mono))
+            except Exception:  # its bug must not end the watch: readiness depends on it
+                log.exception("scheduler watchdog failed; it goes on")
             jump = (wall_now - wall).total_seconds() - (now - mono)
-            wall, mono = wall_now, now
+            wall, mono, cpu = wall_now, now, cpu_now
             if abs(jump) > CLOCK_JUMP:
                 log.warning("wall clock jumped; schedules follow", extra={"seconds": round(jump)})
                 self.shift(timedelta(seconds=jump))
+
+    def _look(self, now: float, wall_now: datetime, *, cpu_busy: bool) -> None:
+        with self._lock:
+            self._cpu_bound = cpu_busy
+            if not self._leading and not self._followers:
+                head = self._head()
+                if head is not None and head.at <= wall_now:
+                    self._grow()  # due, all were polling while the CPU was busy: none added
+        for poller in list(self._running.values()):
+            if poller.expire_if_overdue(now):
+                log.warning(
+                    "poll overran its deadline; counted as failed",
+                    extra={"target": poller.name, "deadline_s": poller.deadline},
+                )
 
 
 def _poll(poller: TargetPoller) -> PollResult | None:

@@ -497,3 +497,45 @@ def test_workers_are_added_one_at_a_time() -> None:
         scheduler.shutdown()
         for poller in hung:
             poller.release.set()
+
+
+def test_idle_workers_at_the_minimum_stay_ready_to_lead() -> None:
+    # Grown past the minimum, then idle: the extra workers end, and those at the minimum, whose
+    # timed waits ran out as well, stay listed as followers once each, so a hand-off finds one.
+    hung = [_Ticking(f"hung{i}", hang=True) for i in range(3)]
+    quick = _Ticking("quick")
+    targets = [ScheduledTarget(p, 0.1, 0.0) for p in [*hung, quick]]  # type: ignore[arg-type]
+    scheduler = PollScheduler(
+        targets,
+        backoff_max=10,
+        min_workers=3,
+        max_workers=5,
+        idle_exit=0.2,
+        grow_every=0.05,
+        cpu_time=lambda: 0.0,
+    )
+    scheduler.start()
+    try:
+        wait_until = time.monotonic() + 5
+        while scheduler.workers < 5 and time.monotonic() < wait_until:
+            time.sleep(0.05)
+        assert scheduler.workers == 5
+        for poller in hung:
+            poller.hang.clear()
+            poller.release.set()
+        time.sleep(1.5)  # several idle waits run out, at the minimum too
+        assert scheduler.workers == 3
+        with scheduler._lock:
+            followers = list(scheduler._followers)
+        assert len({id(f) for f in followers}) == len(followers) <= 2, len(followers)
+        # A hand-off still works: one target hangs, the others are polled on time.
+        hung[0].hang.set()
+        hung[0].release.clear()
+        time.sleep(0.3)
+        before = len(quick.times)
+        time.sleep(1.0)
+        assert len(quick.times) - before >= 7, len(quick.times) - before
+    finally:
+        scheduler.shutdown()
+        for poller in hung:
+            poller.release.set()
