@@ -539,3 +539,19 @@ def test_idle_workers_at_the_minimum_stay_ready_to_lead() -> None:
         scheduler.shutdown()
         for poller in hung:
             poller.release.set()
+
+
+def test_no_worker_is_added_while_nothing_is_due() -> None:
+    hung = _Ticking("hung", hang=True)  # due at once, holds the one worker
+    later = _Ticking("later")  # due in 15 s
+    targets = [ScheduledTarget(p, 3600, 0.0) for p in (hung, later)]  # type: ignore[arg-type]
+    scheduler = PollScheduler(
+        targets, backoff_max=10, min_workers=1, max_workers=4, cpu_time=lambda: 0.0
+    )
+    scheduler.start()
+    try:
+        time.sleep(1.6)  # three looks of the watchdog
+        assert scheduler.workers == 1
+    finally:
+        scheduler.shutdown()
+        hung.release.set()
