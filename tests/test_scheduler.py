@@ -555,3 +555,23 @@ def test_no_worker_is_added_while_nothing_is_due() -> None:
     finally:
         scheduler.shutdown()
         hung.release.set()
+
+
+class _BadWatch(_Ticking):
+    """A poller whose deadline check raises (a bug of its own)."""
+
+    def expire_if_overdue(self, now: float) -> bool:
+        raise RuntimeError("broken deadline check")
+
+
+def test_the_watchdog_outlives_a_bug_in_what_it_watches() -> None:
+    poller = _BadWatch("prod", hang=True)
+    target = ScheduledTarget(poller, 1, 0.0)  # type: ignore[arg-type]
+    scheduler = PollScheduler([target], backoff_max=10)
+    scheduler.start()
+    try:
+        time.sleep(1.2)  # two looks of the watchdog, each raising
+        assert scheduler.running, "the watchdog goes on: readiness depends on it"
+    finally:
+        scheduler.shutdown()
+        poller.release.set()
