@@ -6,7 +6,7 @@ import itertools
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -415,18 +415,21 @@ def test_a_scheduler_whose_threads_died_is_not_running() -> None:
         scheduler.shutdown()
 
 
+def _pool(pollers: Sequence[_Ticking], interval: float, **options: Any) -> PollScheduler:
+    """A scheduler of ``pollers`` whose pool may grow; the process never busy with the CPU
+    unless ``cpu_time`` says otherwise."""
+    targets = [ScheduledTarget(p, interval, 0.0) for p in pollers]  # type: ignore[arg-type]
+    return PollScheduler(targets, backoff_max=10, **{"cpu_time": lambda: 0.0, **options})
+
+
+def _hung_and_quick() -> tuple[list[_Ticking], _Ticking]:
+    return [_Ticking(f"hung{i}", hang=True) for i in range(3)], _Ticking("quick")
+
+
 def test_workers_are_added_while_every_one_polls_and_end_once_idle() -> None:
-    hung = [_Ticking(f"hung{i}", hang=True) for i in range(3)]
-    quick = _Ticking("quick")
-    targets = [ScheduledTarget(p, 0.2, 0.0) for p in [*hung, quick]]  # type: ignore[arg-type]
-    scheduler = PollScheduler(
-        targets,
-        backoff_max=10,
-        min_workers=1,
-        max_workers=4,
-        idle_exit=0.3,
-        grow_every=0.05,
-        cpu_time=lambda: 0.0,  # the process never busy with the CPU
+    hung, quick = _hung_and_quick()
+    scheduler = _pool(
+        [*hung, quick], 0.2, min_workers=1, max_workers=4, idle_exit=0.3, grow_every=0.05
     )
     scheduler.start()
     try:
@@ -458,14 +461,8 @@ def test_workers_are_added_while_every_one_polls_and_end_once_idle() -> None:
 def test_no_worker_is_added_while_the_process_is_busy_with_the_cpu() -> None:
     hung = _Ticking("hung", hang=True)
     quick = _Ticking("quick")
-    targets = [ScheduledTarget(p, 0.2, 0.0) for p in (hung, quick)]  # type: ignore[arg-type]
-    scheduler = PollScheduler(
-        targets,
-        backoff_max=10,
-        min_workers=1,
-        max_workers=4,
-        cpu_time=time.monotonic,  # a whole core, all the time: more threads would not help
-    )
+    # A whole core, all the time: more threads would not help.
+    scheduler = _pool([hung, quick], 0.2, min_workers=1, max_workers=4, cpu_time=time.monotonic)
     scheduler.start()
     try:
         time.sleep(1.5)
@@ -480,15 +477,7 @@ def test_workers_are_added_one_at_a_time() -> None:
     # A backlog (a process resumed after a stop) finds every worker busy at once: workers are
     # added one per `grow_every`, so the CPU rule can look before the pool is at its largest.
     hung = [_Ticking(f"hung{i}", hang=True) for i in range(8)]
-    targets = [ScheduledTarget(p, 0.1, 0.0) for p in hung]  # type: ignore[arg-type]
-    scheduler = PollScheduler(
-        targets,
-        backoff_max=10,
-        min_workers=1,
-        max_workers=10,
-        grow_every=0.4,
-        cpu_time=lambda: 0.0,
-    )
+    scheduler = _pool(hung, 0.1, min_workers=1, max_workers=10, grow_every=0.4)
     scheduler.start()
     try:
         time.sleep(1.1)  # the CPU known at 0.5 s: one worker then, one at 0.9 s
@@ -502,17 +491,9 @@ def test_workers_are_added_one_at_a_time() -> None:
 def test_idle_workers_at_the_minimum_stay_ready_to_lead() -> None:
     # Grown past the minimum, then idle: the extra workers end, and those at the minimum, whose
     # timed waits ran out as well, stay listed as followers once each, so a hand-off finds one.
-    hung = [_Ticking(f"hung{i}", hang=True) for i in range(3)]
-    quick = _Ticking("quick")
-    targets = [ScheduledTarget(p, 0.1, 0.0) for p in [*hung, quick]]  # type: ignore[arg-type]
-    scheduler = PollScheduler(
-        targets,
-        backoff_max=10,
-        min_workers=3,
-        max_workers=5,
-        idle_exit=0.2,
-        grow_every=0.05,
-        cpu_time=lambda: 0.0,
+    hung, quick = _hung_and_quick()
+    scheduler = _pool(
+        [*hung, quick], 0.1, min_workers=3, max_workers=5, idle_exit=0.2, grow_every=0.05
     )
     scheduler.start()
     try:
@@ -544,10 +525,7 @@ def test_idle_workers_at_the_minimum_stay_ready_to_lead() -> None:
 def test_no_worker_is_added_while_nothing_is_due() -> None:
     hung = _Ticking("hung", hang=True)  # due at once, holds the one worker
     later = _Ticking("later")  # due in 15 s
-    targets = [ScheduledTarget(p, 3600, 0.0) for p in (hung, later)]  # type: ignore[arg-type]
-    scheduler = PollScheduler(
-        targets, backoff_max=10, min_workers=1, max_workers=4, cpu_time=lambda: 0.0
-    )
+    scheduler = _pool([hung, later], 3600, min_workers=1, max_workers=4)
     scheduler.start()
     try:
         time.sleep(1.6)  # three looks of the watchdog
