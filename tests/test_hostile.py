@@ -110,7 +110,8 @@ def _failures(daemon: _Daemon, target: str, reason: str) -> float:
         ("gzip_bomb", {"size": 200 * 1024 * 1024}, "invalid_response", TARGETS),
         ("endless", {}, "invalid_response", TARGETS),
         # A drip holds a poll worker for the whole deadline: with as many dripping targets as
-        # workers each poll starts on time (more queue behind, see docs/operations.md).
+        # the workers kept (10) each poll starts on time (more wait for the workers added one
+        # per half second, see docs/operations.md).
         ("drip", {"delay": 0.3}, "timeout", 10),
         # Within the cap, valid, and as many Python objects per byte as JSON allows.
         ("dense_json", {"size": 1024 * 1024 - 1024}, "invalid_response", TARGETS),
