@@ -524,29 +524,29 @@ class Floor:
         }
         self.run(20)  # connection and caches warm
 
+    def request(self) -> None:
+        """One request of the naive loop: GET, ``json()``, sha256 of the body."""
+        response = self.session.get(self.url, headers=self.headers, timeout=10)
+        if response.json()["statusCode"] != 200:
+            raise RuntimeError("floor: the simulator refused the request")
+        hashlib.sha256(response.content).hexdigest()
+
     def run(self, n: int) -> float:
         """CPU microseconds per request over ``n`` requests."""
-        get, url, headers, sha256 = self.session.get, self.url, self.headers, hashlib.sha256
+        request = self.request
         started = time.process_time()
         for _ in range(n):
-            response = get(url, headers=headers, timeout=10)
-            if response.json()["statusCode"] != 200:
-                raise RuntimeError("floor: the simulator refused the request")
-            sha256(response.content).hexdigest()
+            request()
         return (time.process_time() - started) / n * 1e6
 
     def paced_for(self, seconds: float, rate: float) -> float:
         """As ``run``, one request every ``1 / rate`` seconds for about ``seconds``: the naive
         poller doing the daemon's job (N targets every I), which sleeps between requests."""
-        get, url, headers, sha256 = self.session.get, self.url, self.headers, hashlib.sha256
-        n = max(int(seconds * rate), 1)
+        request, n = self.request, max(int(seconds * rate), 1)
         started, due = time.process_time(), time.monotonic()
         for _ in range(n):
             due += 1 / rate
-            response = get(url, headers=headers, timeout=10)
-            if response.json()["statusCode"] != 200:
-                raise RuntimeError("floor: the simulator refused the request")
-            sha256(response.content).hexdigest()
+            request()
             time.sleep(max(due - time.monotonic(), 0.0))
         return (time.process_time() - started) / n * 1e6
 

@@ -232,7 +232,7 @@ class PollScheduler:
         self._grow_every = grow_every
         self._grown_at = -math.inf
         self._alive = 0  # worker threads running
-        self._spawned = 0  # worker threads ever started (their names)
+        self._spawned = 0  # worker threads ever started: the next one's name, poll-N
         self._broken = False  # a worker ended by an exception: a bug, and readiness says so
         # The process spent most of a core in the watchdog's last look: more threads would wait
         # for the CPU (the GIL), not for the network, so none is added meanwhile (a burst of
@@ -428,9 +428,9 @@ class PollScheduler:
 
     def _spawn(self) -> None:
         """One more worker (under the lock: it starts by waiting for it)."""
+        name = f"poll-{self._spawned}"
         self._alive += 1
         self._spawned += 1
-        name = f"poll-{self._spawned - 1}"
         threading.Thread(target=self._work, name=name, daemon=True).start()
 
     def _work(self) -> None:
@@ -483,8 +483,9 @@ class PollScheduler:
 
     def _watch(self) -> None:
         """Count polls that overran their deadline as failed, whatever they are stuck in (a
-        DNS lookup, a proxy), and follow jumps of the wall clock. Its own thread, so that even
-        a pool of stuck workers cannot stop it."""
+        DNS lookup, a proxy), measure the process's CPU (the rule for adding workers), add a
+        worker for a due run that no worker is free for, and follow jumps of the wall clock.
+        Its own thread, so that even a pool of stuck workers cannot stop it."""
         wall, mono, cpu = self._now(), self._monotonic(), self._cpu_time()
         while not self._stop.wait(WATCH_EVERY):
             # Wall and monotonic time read together: what the looks below take is no jump.
